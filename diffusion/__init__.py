@@ -1,0 +1,1 @@
+"""The kNN-Diffusion generator: network, schedule, loss, samplers, Ray Train training."""

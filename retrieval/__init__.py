@@ -1,0 +1,1 @@
+"""Reading retrieval databases: open, search by embedding, bands, remote services."""

@@ -1,0 +1,131 @@
+"""A local HTTP server (127.0.0.1 only) serving generated images and every kind of bad response a crawler meets."""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import io
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from urllib.parse import parse_qs, urlsplit
+
+import numpy as np
+from PIL import Image
+
+COLOURS = {"red": (220, 40, 40), "green": (40, 180, 60), "blue": (40, 70, 220), "yellow": (230, 210, 40)}
+SHAPES = ("square", "circle", "bar")
+
+
+def caption_for(index: int) -> str:
+    colour = list(COLOURS)[index % len(COLOURS)]
+    shape = SHAPES[(index // len(COLOURS)) % len(SHAPES)]
+    return f"a {colour} {shape} number {index}"
+
+
+def make_image(index: int, size: int = 64) -> bytes:
+    """A deterministic JPEG: a coloured shape on a noisy background, different for every index."""
+    rng = np.random.default_rng(index)
+    arr = rng.integers(0, 60, size=(size, size, 3), dtype=np.uint8)
+    colour = COLOURS[list(COLOURS)[index % len(COLOURS)]]
+    shape = SHAPES[(index // len(COLOURS)) % len(SHAPES)]
+    lo, hi = size // 4 + index % 7, 3 * size // 4 - index % 5
+    yy, xx = np.mgrid[0:size, 0:size]
+    if shape == "square":
+        mask = (yy >= lo) & (yy < hi) & (xx >= lo) & (xx < hi)
+    elif shape == "circle":
+        mask = (yy - size / 2) ** 2 + (xx - size / 2) ** 2 < ((hi - lo) / 2) ** 2
+    else:
+        mask = (xx >= lo) & (xx < lo + size // 6)
+    arr[mask] = colour
+    buf = io.BytesIO()
+    Image.fromarray(arr).save(buf, format="JPEG", quality=90)
+    return buf.getvalue()
+
+
+def make_bomb_png(side: int) -> bytes:
+    """A real PNG of side x side black pixels: tiny on the wire, side*side bytes once decoded."""
+    buf = io.BytesIO()
+    Image.new("L", (side, side)).save(buf, format="PNG", optimize=True)
+    return buf.getvalue()
+
+
+class ImageServer:
+    """Routes: /img/<i>.jpg, /missing (404), /slow (sleeps), /corrupt.jpg, /page.html, /huge (chunk-less, no
+    Content-Length), /huge-declared (large Content-Length), /bomb.png, /redirect?to=<url>.
+    /img/<i>.jpg?delay=<s> answers after a delay (for interrupt tests)."""
+
+    def __init__(self, slow_seconds: float = 4.0, huge_bytes: int = 3_000_000, bomb_side: int = 3000) -> None:
+        self.slow_seconds = slow_seconds
+        self.huge_bytes = huge_bytes
+        self.bomb = make_bomb_png(bomb_side)
+        self.hits: dict[str, int] = {}
+        self._lock = threading.Lock()
+        server = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.0"
+
+            def log_message(self, *args: object) -> None:
+                pass
+
+            def _send(self, code: int, body: bytes, ctype: str, length: bool = True) -> None:
+                self.send_response(code)
+                self.send_header("Content-Type", ctype)
+                if length:
+                    self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                # the client may give up first (timeouts, size caps): expected here
+                with contextlib.suppress(BrokenPipeError, ConnectionResetError):
+                    self.wfile.write(body)
+
+            def do_GET(self) -> None:  # noqa: N802
+                parts = urlsplit(self.path)
+                query = parse_qs(parts.query)
+                path = parts.path
+                with server._lock:
+                    server.hits[path] = server.hits.get(path, 0) + 1
+                if path.startswith("/img/"):
+                    if "delay" in query:
+                        time.sleep(float(query["delay"][0]))
+                    self._send(200, make_image(int(path[5:].split(".")[0])), "image/jpeg")
+                elif path == "/slow":
+                    time.sleep(server.slow_seconds)
+                    self._send(200, make_image(0), "image/jpeg")
+                elif path == "/corrupt.jpg":
+                    self._send(200, b"\xff\xd8\xff\xe0" + hashlib.sha256(b"x").digest() * 20, "image/jpeg")
+                elif path == "/page.html":
+                    self._send(200, b"<html><body>not an image</body></html>", "text/html")
+                elif path == "/huge":
+                    self._send(200, b"\x00" * server.huge_bytes, "image/jpeg", length=False)
+                elif path == "/huge-declared":
+                    self.send_response(200)
+                    self.send_header("Content-Length", str(server.huge_bytes))
+                    self.end_headers()
+                    self.wfile.write(b"\x00" * 1024)
+                elif path == "/bomb.png":
+                    self._send(200, server.bomb, "image/png")
+                elif path == "/redirect":
+                    self.send_response(302)
+                    self.send_header("Location", query["to"][0])
+                    self.send_header("Content-Length", "0")
+                    self.end_headers()
+                else:
+                    self._send(404, b"not found", "text/plain")
+
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.httpd.daemon_threads = True
+        self.port = self.httpd.server_address[1]
+        self.base = f"http://127.0.0.1:{self.port}"
+        self._thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
+
+    def __enter__(self) -> ImageServer:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+    def image_url(self, index: int, delay: float | None = None) -> str:
+        return f"{self.base}/img/{index}.jpg" + (f"?delay={delay}" if delay else "")

@@ -27,3 +27,50 @@ def ray_session():
 def image_server():
     with ImageServer(slow_seconds=4.0, huge_bytes=3_000_000, bomb_side=3000) as server:
         yield server
+
+
+TEST_CLIP_CONFIG = "ViT-S-32"
+
+
+@pytest.fixture(scope="session")
+def tiny_clip(tmp_path_factory) -> str:
+    """A random-init open_clip checkpoint saved locally, named as users name real ones."""
+    import open_clip
+    import torch
+
+    torch.manual_seed(0)
+    model = open_clip.create_model(TEST_CLIP_CONFIG)
+    path = tmp_path_factory.mktemp("clip") / "vit_s_32_random.pt"
+    torch.save(model.state_dict(), path)
+    return f"open_clip:{TEST_CLIP_CONFIG}/{path}"
+
+
+NUM_TEST_IMAGES = 48
+
+
+@pytest.fixture(scope="session")
+def shards(ray_session, image_server, tmp_path_factory):
+    """Downloaded webdataset shards: NUM_TEST_IMAGES good images (3 shards of 20) plus 4 bad URLs."""
+    import pandas as pd
+
+    from pipelines.download import DownloadConfig, download
+    from tests.image_server import caption_for
+
+    root = tmp_path_factory.mktemp("shards")
+    urls = [image_server.image_url(i) for i in range(NUM_TEST_IMAGES)]
+    urls[5:5] = [f"{image_server.base}/missing.jpg", f"{image_server.base}/corrupt.jpg"]
+    urls += [f"{image_server.base}/page.html", "file:///etc/hostname"]
+    captions = [caption_for(int(u.rsplit("/", 1)[-1].split(".")[0])) if "/img/" in u else "bad" for u in urls]
+    pd.DataFrame({"url": urls, "caption": captions}).to_parquet(root / "urls.parquet")
+    config = DownloadConfig(
+        url_list=str(root / "urls.parquet"),
+        output_folder=str(root / "shards"),
+        image_size=64,
+        number_sample_per_shard=20,
+        thread_count=8,
+        timeout=5,
+        allow_network=["127.0.0.1/32"],
+    )
+    summary = download(config)
+    assert summary.successes == NUM_TEST_IMAGES
+    return str(root / "shards")

@@ -1,0 +1,1 @@
+"""Benchmarks: ours and the reference side by side in one run, printing the ratio."""

@@ -1,0 +1,295 @@
+"""Embed stage: webdataset shards -> CLIP image/text embeddings + metadata, in clip-retrieval's layout.
+
+Ray Data reads the finished shards (those with a ``_stats.json``); a task stage decodes and preprocesses
+images and tokenizes captions; an actor pool holds the CLIP model and embeds batches, so decoding
+overlaps inference. The driver gathers rows per shard and writes one part per shard, atomically::
+
+    <db>/img_emb/img_emb_<shard>.npy       [n, D] float32, L2-normalised, rows sorted by image_id
+    <db>/text_emb/text_emb_<shard>.npy     [n, D] float32, L2-normalised (when captions exist)
+    <db>/metadata/metadata_<shard>.parquet image_id, key, url, caption, width, height, ... (same row order)
+    <db>/_parts/<shard>.json               written last: marks the part done (a rerun skips it)
+    <db>/database.json                     the model, dimension and totals; written when all parts are done
+
+``image_id`` is int(img2dataset key) = shard_id * 10**digits + row in the URL list shard: stable across
+reruns and unique, so every later stage (index, neighbours, training) refers to images by it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import io
+import json
+import logging
+import os
+import time
+from collections import defaultdict
+from typing import Any
+
+import fsspec
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+from tqdm.auto import tqdm
+
+from pipelines.atomic import atomic_write_bytes
+from retrieval.clip_model import PRECISIONS, ClipSpec
+
+log = logging.getLogger(__name__)
+
+# img2dataset json fields that describe the download, not the image.
+DROPPED_FIELDS = ("status", "error_message", "exif")
+
+
+@dataclasses.dataclass
+class EmbedConfig:
+    """Configuration of the embed stage.
+
+    batch_size: images per model call. num_actors: model replicas (default: one per GPU, else one).
+    torch_threads: intra-op threads per CPU actor (default: all cores of the node).
+    """
+
+    shards: str
+    output: str
+    clip_model: str = "open_clip:ViT-B-32/openai"
+    batch_size: int = 64
+    num_actors: int | None = None
+    precision: str = "auto"
+    torch_threads: int | None = None
+    enable_text: bool = True
+
+    def __post_init__(self) -> None:
+        ClipSpec.parse(self.clip_model)  # fails early with the flag's name
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"--precision must be one of {PRECISIONS}, got {self.precision!r}")
+        if self.batch_size <= 0:
+            raise ValueError(f"--batch-size must be positive, got {self.batch_size}")
+
+
+@dataclasses.dataclass
+class EmbedSummary:
+    num_parts: int
+    num_parts_skipped: int
+    num_images: int
+    num_failed: int
+    dim: int
+    seconds: float
+    images_per_second: float
+
+    def line(self) -> str:
+        return (
+            f"embed: {self.num_images} images in {self.num_parts} parts ({self.num_parts_skipped} already done), "
+            f"{self.num_failed} undecodable, dim {self.dim}, {self.seconds:.1f}s "
+            f"({self.images_per_second:.1f} images/s this run)"
+        )
+
+
+def finished_shards(shards: str) -> dict[int, tuple[str, int]]:
+    """shard id -> (tar path, number of images) for every shard whose stats file exists."""
+    fs, path = fsspec.core.url_to_fs(shards)
+    if not fs.exists(path):
+        raise FileNotFoundError(f"--shards {shards} does not exist; run `knn-diffusion download` first")
+    found = {}
+    for stats_path in fs.glob(f"{path}/*_stats.json"):
+        name = stats_path.rsplit("/", 1)[-1].removesuffix("_stats.json")
+        with fs.open(stats_path) as f:
+            successes = int(json.load(f)["successes"])
+        tar = f"{path}/{name}.tar"
+        if successes and fs.exists(tar):
+            found[int(name)] = (fs.unstrip_protocol(tar) if "://" in shards else tar, successes)
+    if not found:
+        raise FileNotFoundError(f"--shards {shards} holds no finished shard with images (no *_stats.json)")
+    return found
+
+
+def done_parts(output: str) -> set[int]:
+    fs, path = fsspec.core.url_to_fs(output)
+    return {int(p.rsplit("/", 1)[-1].removesuffix(".json")) for p in fs.glob(f"{path}/_parts/*.json")}
+
+
+class Preprocess:
+    """Ray Data task stage: raw webdataset samples -> pixels [B,3,H,W] float32 and tokens [B,77] int64."""
+
+    def __init__(self, clip_model: str, enable_text: bool) -> None:
+        from retrieval.clip_model import load_transforms
+
+        self.transform, self.tokenizer = load_transforms(clip_model)
+        self.enable_text = enable_text
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, Any]:
+        from PIL import Image
+
+        n = len(batch["__key__"])
+        pixels, ok = [], np.zeros(n, dtype=bool)
+        shape = None
+        for i, raw in enumerate(batch["jpg"]):
+            try:
+                with Image.open(io.BytesIO(raw)) as im:
+                    px = self.transform(im.convert("RGB")).numpy()
+                shape = px.shape
+                pixels.append(px)
+                ok[i] = True
+            except Exception as err:  # a corrupt sample is reported, not fatal
+                log.warning("cannot decode %s: %s", batch["__key__"][i], err)
+                pixels.append(None)
+        if shape is None:
+            shape = (3, 1, 1)
+        stacked = np.stack([p if p is not None else np.zeros(shape, np.float32) for p in pixels])
+        metas = [json.loads(m) for m in batch["json"]]
+        captions = [m.get("caption") or "" for m in metas]
+        out: dict[str, Any] = {
+            "key": np.asarray(batch["__key__"]),
+            "shard": np.asarray([int(os.path.basename(str(p)).split(".")[0]) for p in batch["path"]]),
+            "pixels": stacked,
+            "ok": ok,
+            "meta": np.asarray([json.dumps(m) for m in metas]),
+        }
+        if self.enable_text:
+            out["tokens"] = self.tokenizer(captions).numpy()
+        return out
+
+
+class Embedder:
+    """Ray Data actor stage: holds the CLIP model; pixels/tokens -> L2-normalised embeddings."""
+
+    def __init__(self, clip_model: str, precision: str, torch_threads: int | None) -> None:
+        import torch
+
+        from retrieval.clip_model import ClipEncoder
+
+        torch.set_num_threads(torch_threads or os.cpu_count() or 1)
+        self.encoder = ClipEncoder(clip_model, precision=precision)
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, Any]:
+        import torch
+
+        out = {k: batch[k] for k in ("key", "shard", "ok", "meta")}
+        out["img_emb"] = self.encoder.encode_images(torch.from_numpy(batch["pixels"])).numpy()
+        if "tokens" in batch:
+            out["text_emb"] = self.encoder.encode_tokens(torch.from_numpy(batch["tokens"])).numpy()
+        return out
+
+
+def _part_names(shard_id: int) -> dict[str, str]:
+    name = f"{shard_id:05d}"
+    return {
+        "img": f"img_emb/img_emb_{name}.npy",
+        "text": f"text_emb/text_emb_{name}.npy",
+        "meta": f"metadata/metadata_{name}.parquet",
+        "done": f"_parts/{name}.json",
+    }
+
+
+def write_part(output: str, shard_id: int, rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """Write one shard's embeddings and metadata, sorted by image_id; the done marker goes last."""
+    fs, root = fsspec.core.url_to_fs(output)
+    good = sorted((r for r in rows if r["ok"]), key=lambda r: int(r["key"]))
+    names = _part_names(shard_id)
+    img = np.stack([r["img_emb"] for r in good]).astype(np.float32) if good else None
+    if img is not None:
+        metas = []
+        for r in good:
+            meta = {k: v for k, v in json.loads(r["meta"]).items() if k not in DROPPED_FIELDS}
+            meta["image_id"] = int(r["key"])
+            metas.append(meta)
+        table = pa.Table.from_pylist(metas)
+        table = table.select(["image_id"] + [c for c in table.column_names if c != "image_id"])
+        buf = io.BytesIO()
+        pq.write_table(table, buf)
+        atomic_write_bytes(fs, f"{root}/{names['meta']}", buf.getvalue())
+        atomic_write_bytes(fs, f"{root}/{names['img']}", _npy_bytes(img))
+        if "text_emb" in good[0]:
+            text = np.stack([r["text_emb"] for r in good]).astype(np.float32)
+            atomic_write_bytes(fs, f"{root}/{names['text']}", _npy_bytes(text))
+    dim = int(img.shape[1]) if img is not None else None
+    marker = {"shard": shard_id, "num_images": len(good), "num_failed": len(rows) - len(good), "dim": dim}
+    atomic_write_bytes(fs, f"{root}/{names['done']}", json.dumps(marker).encode())
+    return marker
+
+
+def _npy_bytes(arr: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    np.save(buf, arr)
+    return buf.getvalue()
+
+
+def embed(config: EmbedConfig, ray_address: str | None = None) -> EmbedSummary:
+    """Run the embed stage on Ray; returns (and prints) a summary over the whole database."""
+    import ray
+
+    from pipelines.ray_env import init_ray
+
+    start = time.time()
+    shards = finished_shards(config.shards)
+    skip = done_parts(config.output) & set(shards)
+    todo = {s: v for s, v in sorted(shards.items()) if s not in skip}
+    fs, root = fsspec.core.url_to_fs(config.output)
+    for sub in ("img_emb", "text_emb", "metadata", "_parts"):
+        fs.makedirs(f"{root}/{sub}", exist_ok=True)
+
+    num_new = 0
+    if todo:
+        init_ray(ray_address)
+        use_gpu = bool(ray.cluster_resources().get("GPU", 0))
+        num_actors = config.num_actors or (int(ray.cluster_resources().get("GPU", 1)) if use_gpu else 1)
+        ds = ray.data.read_webdataset([p for p, _ in todo.values()], decoder=None, include_paths=True)
+        ds = ds.map_batches(
+            Preprocess,
+            fn_constructor_kwargs={"clip_model": config.clip_model, "enable_text": config.enable_text},
+            batch_size=config.batch_size,
+            compute=ray.data.ActorPoolStrategy(size=1),
+        )
+        ds = ds.map_batches(
+            Embedder,
+            fn_constructor_kwargs={
+                "clip_model": config.clip_model,
+                "precision": config.precision,
+                "torch_threads": config.torch_threads,
+            },
+            batch_size=config.batch_size,
+            compute=ray.data.ActorPoolStrategy(size=num_actors),
+            num_gpus=1 if use_gpu else 0,
+        )
+        pending: dict[int, list[dict[str, Any]]] = defaultdict(list)
+        expected = {s: n for s, (_, n) in todo.items()}
+        with tqdm(total=sum(expected.values()), desc="embed images", unit="img") as bar:
+            for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
+                n = len(batch["key"])
+                for i in range(n):
+                    row = {k: batch[k][i] for k in batch}
+                    shard = int(row["shard"])
+                    pending[shard].append(row)
+                    if len(pending[shard]) == expected[shard]:
+                        write_part(config.output, shard, pending.pop(shard))
+                num_new += n
+                bar.update(n)
+        if pending:
+            raise RuntimeError(f"shards {sorted(pending)} yielded fewer samples than their stats files say")
+
+    summary = finalize(config, num_skipped=len(skip), seconds=time.time() - start, num_new=num_new)
+    print(summary.line(), flush=True)
+    return summary
+
+
+def finalize(config: EmbedConfig, num_skipped: int, seconds: float, num_new: int) -> EmbedSummary:
+    """Count the parts and write database.json (atomically), which the index stage reads."""
+    fs, root = fsspec.core.url_to_fs(config.output)
+    num_images = num_failed = dim = 0
+    parts = sorted(fs.glob(f"{root}/_parts/*.json"))
+    for p in parts:
+        with fs.open(p) as f:
+            marker = json.load(f)
+        num_images += marker["num_images"]
+        num_failed += marker["num_failed"]
+        dim = marker["dim"] or dim
+    info = {
+        "clip_model": config.clip_model,
+        "dim": dim,
+        "num_images": num_images,
+        "num_parts": len(parts),
+        "has_text": bool(fs.glob(f"{root}/text_emb/*.npy")),
+        "shards": config.shards,
+    }
+    atomic_write_bytes(fs, f"{root}/database.json", json.dumps(info, indent=2).encode())
+    return EmbedSummary(
+        len(parts), num_skipped, num_images, num_failed, dim, seconds, num_new / max(seconds, 1e-9)
+    )

@@ -1,0 +1,79 @@
+"""Embed stage: layout, ids, resume, and agreement with clip-retrieval inference on the same shards."""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from pipelines.embed import EmbedConfig, embed
+from tests.conftest import NUM_TEST_IMAGES
+
+
+@pytest.fixture(scope="module")
+def db(shards, tiny_clip, tmp_path_factory):
+    out = tmp_path_factory.mktemp("db") / "db"
+    summary = embed(EmbedConfig(shards=shards, output=str(out), clip_model=tiny_clip, batch_size=16))
+    return out, summary
+
+
+def load_db(out):
+    img = np.concatenate([np.load(p) for p in sorted(glob.glob(f"{out}/img_emb/*.npy"))])
+    text = np.concatenate([np.load(p) for p in sorted(glob.glob(f"{out}/text_emb/*.npy"))])
+    meta = pd.concat([pd.read_parquet(p) for p in sorted(glob.glob(f"{out}/metadata/*.parquet"))])
+    return img, text, meta
+
+
+def test_layout_counts_and_ids(db):
+    out, summary = db
+    img, text, meta = load_db(out)
+    assert summary.num_images == NUM_TEST_IMAGES and summary.num_parts == 3
+    assert img.shape == text.shape == (NUM_TEST_IMAGES, 384) and img.dtype == np.float32
+    assert np.allclose(np.linalg.norm(img, axis=1), 1, atol=1e-4)
+    assert np.allclose(np.linalg.norm(text, axis=1), 1, atol=1e-4)
+    assert len(meta) == NUM_TEST_IMAGES
+    ids = meta.image_id.to_numpy()
+    assert (np.diff(ids) > 0).all()  # unique, sorted: position <-> id is monotonic
+    assert (ids == meta.key.astype(int).to_numpy()).all()
+    assert {"url", "caption", "image_id", "width"} <= set(meta.columns)
+    info = json.loads((out / "database.json").read_text())
+    assert info["num_images"] == NUM_TEST_IMAGES and info["dim"] == 384
+
+
+def test_caption_embedding_matches_query_time_encoder(db, tiny_clip):
+    from retrieval.clip_model import ClipEncoder
+
+    out, _ = db
+    _, text, meta = load_db(out)
+    enc = ClipEncoder(tiny_clip)
+    again = enc.encode_texts(list(meta.caption[:4])).numpy()
+    assert (np.sum(again * text[:4], axis=1) > 0.999).all()
+
+
+def test_rerun_skips_done_parts(db, shards, tiny_clip):
+    out, _ = db
+    before = {p: os.stat(p).st_mtime_ns for p in glob.glob(f"{out}/img_emb/*.npy")}
+    summary = embed(EmbedConfig(shards=shards, output=str(out), clip_model=tiny_clip))
+    assert summary.num_parts_skipped == 3 and summary.num_images == NUM_TEST_IMAGES
+    assert {p: os.stat(p).st_mtime_ns for p in before} == before
+
+
+def test_matches_clip_retrieval_inference(db, shards, tiny_clip, tmp_path):
+    """Same shards, same checkpoint: per-image cosine with clip-retrieval's embeddings >= 0.999."""
+    from bench.peers import load_clip_retrieval_output, run_clip_retrieval_inference
+
+    out, _ = db
+    run_clip_retrieval_inference(shards, str(tmp_path / "ref"), tiny_clip, batch_size=16, timeout=600)
+    ref_img, ref_text, ref_meta = load_clip_retrieval_output(str(tmp_path / "ref"))
+    img, text, meta = load_db(out)
+    by_key = {k: i for i, k in enumerate(meta.key)}
+    order = [by_key[k] for k in ref_meta.image_path]
+    assert len(order) == NUM_TEST_IMAGES
+    img_cos = np.sum(img[order] * ref_img, axis=1) / np.linalg.norm(ref_img, axis=1)
+    text_cos = np.sum(text[order] * ref_text, axis=1) / np.linalg.norm(ref_text, axis=1)
+    assert img_cos.min() >= 0.999, img_cos.min()
+    assert text_cos.min() >= 0.999, text_cos.min()

@@ -1,8 +1,8 @@
 """Embed stage: webdataset shards -> CLIP image/text embeddings + metadata, in clip-retrieval's layout.
 
-Ray Data reads the finished shards (those with a ``_stats.json``); a task stage decodes and preprocesses
-images and tokenizes captions; an actor pool holds the CLIP model and embeds batches, so decoding
-overlaps inference. The driver gathers rows per shard and writes one part per shard, atomically::
+Ray Data reads the finished shards (those with a ``_stats.json``); a task stage, fused with the read,
+decodes and preprocesses images and tokenizes captions; an actor pool holds the CLIP model and embeds
+batches, so decoding overlaps inference. The driver gathers rows per shard and writes one part per shard, atomically::
 
     <db>/img_emb/img_emb_<shard>.npy       [n, D] float32, L2-normalised, rows sorted by image_id
     <db>/text_emb/text_emb_<shard>.npy     [n, D] float32, L2-normalised (when captions exist)
@@ -17,6 +17,7 @@ reruns and unique, so every later stage (index, neighbours, training) refers to 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import io
 import json
 import logging
@@ -106,46 +107,44 @@ def done_parts(output: str) -> set[int]:
     return {int(p.rsplit("/", 1)[-1].removesuffix(".json")) for p in fs.glob(f"{path}/_parts/*.json")}
 
 
-class Preprocess:
-    """Ray Data task stage: raw webdataset samples -> pixels [B,3,H,W] float32 and tokens [B,77] int64."""
+@functools.lru_cache(maxsize=2)
+def _transforms(clip_model: str) -> tuple[Any, Any]:
+    from retrieval.clip_model import load_transforms
 
-    def __init__(self, clip_model: str, enable_text: bool) -> None:
-        from retrieval.clip_model import load_transforms
+    return load_transforms(clip_model)
 
-        self.transform, self.tokenizer = load_transforms(clip_model)
-        self.enable_text = enable_text
 
-    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, Any]:
-        from PIL import Image
+def preprocess(batch: dict[str, np.ndarray], clip_model: str, enable_text: bool) -> dict[str, Any]:
+    """Ray Data task stage (fused with the read): raw webdataset samples -> pixels [B,3,H,W] float32, tokens
+    [B,77] int64. A plain function, not an actor, so it never holds a CPU the read tasks need."""
+    from PIL import Image
 
-        n = len(batch["__key__"])
-        pixels, ok = [], np.zeros(n, dtype=bool)
-        shape = None
-        for i, raw in enumerate(batch["jpg"]):
-            try:
-                with Image.open(io.BytesIO(raw)) as im:
-                    px = self.transform(im.convert("RGB")).numpy()
-                shape = px.shape
-                pixels.append(px)
-                ok[i] = True
-            except Exception as err:  # a corrupt sample is reported, not fatal
-                log.warning("cannot decode %s: %s", batch["__key__"][i], err)
-                pixels.append(None)
-        if shape is None:
-            shape = (3, 1, 1)
-        stacked = np.stack([p if p is not None else np.zeros(shape, np.float32) for p in pixels])
-        metas = [json.loads(m) for m in batch["json"]]
-        captions = [m.get("caption") or "" for m in metas]
-        out: dict[str, Any] = {
-            "key": np.asarray(batch["__key__"]),
-            "shard": np.asarray([int(os.path.basename(str(p)).split(".")[0]) for p in batch["path"]]),
-            "pixels": stacked,
-            "ok": ok,
-            "meta": np.asarray([json.dumps(m) for m in metas]),
-        }
-        if self.enable_text:
-            out["tokens"] = self.tokenizer(captions).numpy()
-        return out
+    transform, tokenizer = _transforms(clip_model)
+    n = len(batch["__key__"])
+    pixels: list[np.ndarray | None] = []
+    ok = np.zeros(n, dtype=bool)
+    shape = (3, 1, 1)
+    for i, raw in enumerate(batch["jpg"]):
+        try:
+            with Image.open(io.BytesIO(raw)) as im:
+                px = transform(im.convert("RGB")).numpy()
+            shape = px.shape
+            pixels.append(px)
+            ok[i] = True
+        except Exception as err:  # a corrupt sample is reported, not fatal
+            log.warning("cannot decode %s: %s", batch["__key__"][i], err)
+            pixels.append(None)
+    metas = [json.loads(m) for m in batch["json"]]
+    out: dict[str, Any] = {
+        "key": np.asarray(batch["__key__"]),
+        "shard": np.asarray([int(os.path.basename(str(p)).split(".")[0]) for p in batch["path"]]),
+        "pixels": np.stack([p if p is not None else np.zeros(shape, np.float32) for p in pixels]),
+        "ok": ok,
+        "meta": np.asarray([json.dumps(m) for m in metas]),
+    }
+    if enable_text:
+        out["tokens"] = tokenizer([m.get("caption") or "" for m in metas]).numpy()
+    return out
 
 
 class Embedder:
@@ -232,11 +231,13 @@ def embed(config: EmbedConfig, ray_address: str | None = None) -> EmbedSummary:
         use_gpu = bool(ray.cluster_resources().get("GPU", 0))
         num_actors = config.num_actors or (int(ray.cluster_resources().get("GPU", 1)) if use_gpu else 1)
         ds = ray.data.read_webdataset([p for p, _ in todo.values()], decoder=None, include_paths=True)
+        # With fewer than 2 CPUs, fractional requests keep the reader and the model actor from deadlocking.
+        cpu = 1.0 if ray.cluster_resources().get("CPU", 1) >= 2 else 0.5
         ds = ds.map_batches(
-            Preprocess,
-            fn_constructor_kwargs={"clip_model": config.clip_model, "enable_text": config.enable_text},
+            preprocess,
+            fn_kwargs={"clip_model": config.clip_model, "enable_text": config.enable_text},
             batch_size=config.batch_size,
-            compute=ray.data.ActorPoolStrategy(size=1),
+            num_cpus=cpu,
         )
         ds = ds.map_batches(
             Embedder,
@@ -248,6 +249,7 @@ def embed(config: EmbedConfig, ray_address: str | None = None) -> EmbedSummary:
             batch_size=config.batch_size,
             compute=ray.data.ActorPoolStrategy(size=num_actors),
             num_gpus=1 if use_gpu else 0,
+            num_cpus=cpu,
         )
         pending: dict[int, list[dict[str, Any]]] = defaultdict(list)
         expected = {s: n for s, (_, n) in todo.items()}

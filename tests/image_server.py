@@ -10,37 +10,11 @@ import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import parse_qs, urlsplit
 
-import numpy as np
 from PIL import Image
 
-COLOURS = {"red": (220, 40, 40), "green": (40, 180, 60), "blue": (40, 70, 220), "yellow": (230, 210, 40)}
-SHAPES = ("square", "circle", "bar")
+from pipelines.demo_data import caption_for, make_image
 
-
-def caption_for(index: int) -> str:
-    colour = list(COLOURS)[index % len(COLOURS)]
-    shape = SHAPES[(index // len(COLOURS)) % len(SHAPES)]
-    return f"a {colour} {shape} number {index}"
-
-
-def make_image(index: int, size: int = 64) -> bytes:
-    """A deterministic JPEG: a coloured shape on a noisy background, different for every index."""
-    rng = np.random.default_rng(index)
-    arr = rng.integers(0, 60, size=(size, size, 3), dtype=np.uint8)
-    colour = COLOURS[list(COLOURS)[index % len(COLOURS)]]
-    shape = SHAPES[(index // len(COLOURS)) % len(SHAPES)]
-    lo, hi = size // 4 + index % 7, 3 * size // 4 - index % 5
-    yy, xx = np.mgrid[0:size, 0:size]
-    if shape == "square":
-        mask = (yy >= lo) & (yy < hi) & (xx >= lo) & (xx < hi)
-    elif shape == "circle":
-        mask = (yy - size / 2) ** 2 + (xx - size / 2) ** 2 < ((hi - lo) / 2) ** 2
-    else:
-        mask = (xx >= lo) & (xx < lo + size // 6)
-    arr[mask] = colour
-    buf = io.BytesIO()
-    Image.fromarray(arr).save(buf, format="JPEG", quality=90)
-    return buf.getvalue()
+__all__ = ["ImageServer", "caption_for", "make_image"]
 
 
 def make_bomb_png(side: int) -> bytes:

@@ -77,3 +77,66 @@ def test_matches_clip_retrieval_inference(db, shards, tiny_clip, tmp_path):
     text_cos = np.sum(text[order] * ref_text, axis=1) / np.linalg.norm(ref_text, axis=1)
     assert img_cos.min() >= 0.999, img_cos.min()
     assert text_cos.min() >= 0.999, text_cos.min()
+
+
+def test_chain_download_embed_index_search(db):
+    """download -> embed -> index: every downloaded image is indexed once and finds itself by its image id."""
+    from pipelines.index import IndexConfig, build
+    from retrieval.database import Database
+
+    out, _ = db
+    build(IndexConfig(db=str(out), max_index_memory="100M", current_memory_available="2G"))
+    database = Database.open(str(out))
+    img, _, meta = load_db(out)
+    assert len(database) == NUM_TEST_IMAGES
+    res = database.search(img, 1)
+    assert (res.ids[:, 0] == meta.image_id.to_numpy()).all()
+    assert list(database.metadata(res.ids[:3, 0]).url) == list(meta.url[:3])
+
+
+def test_clip_retrieval_back_serves_the_database(db, tmp_path):
+    """`clip-retrieval back` (via knn-diffusion serve, bound to 127.0.0.1) answers kNN queries on our output."""
+    import socket
+    import subprocess
+    import sys
+    import time
+    import urllib.request
+
+    out, _ = db
+    if not (out / "image.index").exists():
+        pytest.skip("needs the index built by test_chain_download_embed_index_search")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "pipelines.cli", "serve", "--db", str(out), "--port", str(port)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        base = f"http://127.0.0.1:{port}"
+        deadline = time.time() + 180
+        while True:
+            try:
+                with urllib.request.urlopen(f"{base}/indices-list", timeout=2) as r:
+                    assert json.load(r) == ["db"]
+                break
+            except OSError:
+                assert proc.poll() is None, "serve exited early"
+                assert time.time() < deadline, "serve did not come up in 180 s"
+                time.sleep(1)
+        img, _, meta = load_db(out)
+        body = json.dumps(
+            {"embedding_input": img[7].tolist(), "modality": "image", "num_images": 3, "indice_name": "db"}
+        ).encode()
+        req = urllib.request.Request(
+            f"{base}/knn-service", data=body, headers={"Content-Type": "application/json"}
+        )
+        with urllib.request.urlopen(req, timeout=30) as r:
+            results = json.load(r)
+        assert results[0]["image_id"] == meta.image_id.iloc[7]
+        assert results[0]["url"] == meta.url.iloc[7]
+        assert results[0]["similarity"] == pytest.approx(1.0, abs=1e-3)
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)

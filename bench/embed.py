@@ -1,0 +1,397 @@
+"""Embed-stage benchmark: our Ray Data embed stage vs ``clip-retrieval inference`` on the same shards.
+
+What it measures, in one run:
+
+1. Shards: N generated JPEGs served by tests/image_server.py (127.0.0.1 only) are downloaded with our
+   download stage into webdataset shards (256 px) under --workdir; reused when they already exist there.
+2. Model: a random-init open_clip checkpoint of --clip-config (torch.manual_seed(0)), saved locally and
+   named ``open_clip:<config>//abs/path.pt``; no network and no pretrained tags are used.
+3. Ours: ``pipelines.embed.embed`` end to end on the shards into a fresh output folder (images + captions
+   + metadata), timed after a local Ray is already up, so Ray start-up is not counted; model loading and
+   actor start-up are. The steady-state rate (first batch out -> last batch out) is reported alongside.
+4. clip-retrieval: ``clip-retrieval inference`` (CPU, sequential, text + image + metadata) on the same
+   shards, checkpoint and batch size, in a subprocess (bench.peers); its time excludes interpreter start-up
+   and imports but includes model loading.
+5. Agreement: per-image cosine between the two sets of image (and caption) embeddings, rows matched by key.
+
+Prints one table and a one-line summary; --json-out also writes the results as JSON.
+
+Run from the repository root::
+
+    .venv/bin/python bench/embed.py --num-images 2000 --batch-size 64 --clip-config ViT-B-32
+"""
+
+from __future__ import annotations
+
+import argparse
+import glob
+import json
+import math
+import os
+import platform
+import sys
+import tempfile
+import time
+from typing import Any
+
+# `python bench/embed.py` puts bench/ first on sys.path; the repository root is what we need (bench.peers,
+# tests.image_server), in this process and in Ray workers, which inherit the driver's sys.path.
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if sys.path and os.path.abspath(sys.path[0] or ".") == os.path.dirname(os.path.abspath(__file__)):
+    sys.path.pop(0)
+if REPO_ROOT not in sys.path:
+    sys.path.insert(0, REPO_ROOT)
+
+import numpy as np  # noqa: E402
+import pandas as pd  # noqa: E402
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+# Read task + preprocess actor + model actor, one CPU each (pipelines/embed.py): the least Ray must offer.
+MIN_RAY_CPUS = 3
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        description="Time our embed stage against clip-retrieval inference on the same local shards and "
+        "random-init CLIP checkpoint, and check that their image embeddings agree.",
+    )
+    parser.add_argument(
+        "--num-images",
+        type=int,
+        default=2000,
+        help="number of images to download and embed (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--batch-size",
+        type=int,
+        default=64,
+        help="images per model call, for both tools (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--clip-config",
+        default="ViT-B-32",
+        help="open_clip model config of the random-init checkpoint (no pretrained weights are downloaded; default: %(default)s)",
+    )
+    parser.add_argument(
+        "--workdir",
+        default=None,
+        help="folder for the URL list, shards, checkpoint and outputs; shards already there are reused "
+        "(default: a new temporary folder)",
+    )
+    parser.add_argument(
+        "--shard-size",
+        type=int,
+        default=None,
+        help="images per webdataset shard (default: min(500, ceil(N/4)), i.e. at least 4 shards)",
+    )
+    parser.add_argument(
+        "--timeout",
+        type=float,
+        default=3600,
+        help="seconds before the clip-retrieval subprocess is killed (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--ray-num-cpus",
+        type=int,
+        default=None,
+        help="logical CPUs of the local Ray (default: the usable cores, but at least 3: our embed stage holds "
+        "one CPU for its read task, one for the preprocess actor and one for the model actor, and hangs "
+        "on a Ray with fewer)",
+    )
+    parser.add_argument(
+        "--skip-clip-retrieval",
+        action="store_true",
+        help="time ours only (no clip-retrieval run, ratio or agreement check)",
+    )
+    parser.add_argument("--json-out", default=None, help="also write the results as JSON to this path")
+    args = parser.parse_args(argv)
+    if args.num_images <= 0 or args.batch_size <= 0:
+        parser.error("--num-images and --batch-size must be positive")
+    if args.shard_size is not None and args.shard_size <= 0:
+        parser.error("--shard-size must be positive")
+    return args
+
+
+def cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def usable_cores() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:
+        return os.cpu_count() or 1
+
+
+def count_successes(shards: str) -> int:
+    total = 0
+    for p in glob.glob(f"{shards}/*_stats.json"):
+        with open(p) as f:
+            total += int(json.load(f)["successes"])
+    return total
+
+
+def build_shards(workdir: str, num_images: int, shard_size: int) -> str:
+    """Download num_images generated images into <workdir>/shards, unless they are already all there."""
+    from pipelines.download import DownloadConfig, download
+    from tests.image_server import ImageServer, caption_for
+
+    shards = os.path.join(workdir, "shards")
+    url_list = os.path.join(workdir, "urls.parquet")
+    if os.path.exists(url_list):
+        n = len(pd.read_parquet(url_list))
+        if n != num_images:
+            raise SystemExit(
+                f"{workdir} holds a URL list of {n} images, not --num-images {num_images}; use another --workdir"
+            )
+    if os.path.isdir(shards) and count_successes(shards) == num_images:
+        print(f"reusing {num_images} images in {shards}", flush=True)
+        return shards
+    with ImageServer() as server:
+        # The server's port changes every run; a fresh URL list for it (same keys and captions).
+        urls = [server.image_url(i) for i in range(num_images)]
+        pd.DataFrame({"url": urls, "caption": [caption_for(i) for i in range(num_images)]}).to_parquet(
+            url_list
+        )
+        summary = download(
+            DownloadConfig(
+                url_list=url_list,
+                output_folder=shards,
+                image_size=256,
+                number_sample_per_shard=shard_size,
+                thread_count=16,
+                timeout=30,
+                allow_network=["127.0.0.1/32"],
+            )
+        )
+    got = count_successes(shards)
+    if got != num_images:
+        raise SystemExit(f"download gave {got} images, not {num_images}: {summary.line()}")
+    return shards
+
+
+def make_checkpoint(workdir: str, clip_config: str) -> str:
+    """A random-init open_clip checkpoint (seed 0), named as users name local checkpoints."""
+    import open_clip
+    import torch
+
+    path = os.path.abspath(os.path.join(workdir, "clip", f"{clip_config}_random_seed0.pt"))
+    if not os.path.exists(path):
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        torch.manual_seed(0)
+        model = open_clip.create_model(clip_config)
+        torch.save(model.state_dict(), path + ".tmp")
+        os.replace(path + ".tmp", path)
+    return f"open_clip:{clip_config}/{path}"
+
+
+def run_ours(shards: str, output: str, clip_model: str, batch_size: int) -> dict[str, Any]:
+    """Time embed() end to end; also record when each batch reached the driver (steady-state rate)."""
+    import pipelines.embed as embed_mod
+
+    marks: list[tuple[float, int]] = []
+    base = embed_mod.tqdm
+
+    class RecordingBar(base):  # type: ignore[misc, valid-type]
+        def update(self, n: float | None = 1) -> bool | None:
+            marks.append((time.perf_counter(), int(n or 0)))
+            return super().update(n)
+
+    embed_mod.tqdm = RecordingBar
+    try:
+        start = time.perf_counter()
+        summary = embed_mod.embed(
+            embed_mod.EmbedConfig(shards=shards, output=output, clip_model=clip_model, batch_size=batch_size)
+        )
+        seconds = time.perf_counter() - start
+    finally:
+        embed_mod.tqdm = base
+    result: dict[str, Any] = {
+        "seconds": seconds,
+        "images": summary.num_images,
+        "failed": summary.num_failed,
+        "dim": summary.dim,
+        "first_batch_seconds": None,
+        "steady_images_per_second": None,
+    }
+    if marks:
+        result["first_batch_seconds"] = marks[0][0] - start
+    if len(marks) >= 3:
+        span = marks[-1][0] - marks[0][0]
+        result["steady_images_per_second"] = sum(n for _, n in marks[1:]) / span if span > 0 else None
+    return result
+
+
+def load_ours(output: str) -> tuple[np.ndarray, np.ndarray, pd.DataFrame]:
+    def cat(kind: str) -> np.ndarray:
+        return np.concatenate([np.load(p) for p in sorted(glob.glob(f"{output}/{kind}/*.npy"))]).astype(
+            np.float32
+        )
+
+    meta = pd.concat([pd.read_parquet(p) for p in sorted(glob.glob(f"{output}/metadata/*.parquet"))])
+    return cat("img_emb"), cat("text_emb"), meta
+
+
+def cosines(ours: np.ndarray, theirs: np.ndarray) -> np.ndarray:
+    norms = np.linalg.norm(ours, axis=1) * np.linalg.norm(theirs, axis=1)
+    return np.sum(ours * theirs, axis=1) / np.maximum(norms, 1e-12)
+
+
+def agreement(our_out: str, their_out: str) -> dict[str, Any]:
+    """Per-image cosine between our and clip-retrieval's embeddings, rows matched by key."""
+    from bench.peers import load_clip_retrieval_output
+
+    img, text, meta = load_ours(our_out)
+    ref_img, ref_text, ref_meta = load_clip_retrieval_output(their_out)
+    by_key = {str(k): i for i, k in enumerate(meta["key"])}
+    theirs_keys = [str(k) for k in ref_meta["image_path"]]
+    common = [(by_key[k], j) for j, k in enumerate(theirs_keys) if k in by_key]
+    ours_idx = np.array([i for i, _ in common], dtype=np.int64)
+    theirs_idx = np.array([j for _, j in common], dtype=np.int64)
+    result: dict[str, Any] = {
+        "matched": len(common),
+        "ours_only": len(by_key) - len(common),
+        "theirs_only": len(theirs_keys) - len(common),
+        "min_img_cosine": None,
+        "mean_img_cosine": None,
+        "min_text_cosine": None,
+    }
+    if common:
+        img_cos = cosines(img[ours_idx], ref_img[theirs_idx])
+        text_cos = cosines(text[ours_idx], ref_text[theirs_idx])
+        result.update(
+            min_img_cosine=float(img_cos.min()),
+            mean_img_cosine=float(img_cos.mean()),
+            min_text_cosine=float(text_cos.min()),
+        )
+    return result
+
+
+def fmt(value: Any, spec: str) -> str:
+    return "-" if value is None else format(value, spec)
+
+
+def print_table(r: dict[str, Any]) -> None:
+    ours, theirs, agree = r["ours"], r["clip_retrieval"], r["agreement"]
+    rows = [
+        ("", "ours (embed)", "clip-retrieval"),
+        ("images", str(ours["images"]), fmt(theirs.get("images"), "d")),
+        ("seconds", fmt(ours["seconds"], ".1f"), fmt(theirs.get("seconds"), ".1f")),
+        ("images/s", fmt(ours["images_per_second"], ".1f"), fmt(theirs.get("images_per_second"), ".1f")),
+        ("steady images/s", fmt(ours["steady_images_per_second"], ".1f"), "-"),
+        ("first batch after s", fmt(ours["first_batch_seconds"], ".1f"), "-"),
+        ("precision", r["precision"], "float32 (CPU)"),
+    ]
+    width = [max(len(row[i]) for row in rows) for i in range(3)]
+    print()
+    print(
+        f"embed bench: {r['clip_config']} random-init, batch size {r['batch_size']}, {r['num_images']} images"
+    )
+    for row in rows:
+        print(f"  {row[0]:<{width[0]}}  {row[1]:>{width[1]}}  {row[2]:>{width[2]}}")
+    print(f"  ratio ours/theirs (images/s): {fmt(r['ratio'], '.2f')}x")
+    print(
+        f"  min cosine img: {fmt(agree.get('min_img_cosine'), '.6f')} "
+        f"(mean {fmt(agree.get('mean_img_cosine'), '.6f')}), text: {fmt(agree.get('min_text_cosine'), '.6f')}, "
+        f"{agree.get('matched', 0)} rows matched by key"
+    )
+    print(
+        f"  cpu: {r['cpu_model']}, {r['cores']} cores (Ray given {r['ray_num_cpus']} CPUs); "
+        f"torch {r['torch']}, ray {r['ray']}"
+    )
+    print()
+    theirs_rate = fmt(theirs.get("images_per_second"), ".1f")
+    print(
+        f"embed bench: ours {ours['images_per_second']:.1f} img/s, clip-retrieval {theirs_rate} img/s, "
+        f"ratio {fmt(r['ratio'], '.2f')}x ({r['num_images']} images, {r['clip_config']}, {r['precision']})",
+        flush=True,
+    )
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    args = parse_args(argv)
+    import ray
+    import torch
+
+    from bench.peers import run_clip_retrieval_inference
+    from retrieval.clip_model import pick_device_and_precision
+
+    workdir = os.path.abspath(args.workdir or tempfile.mkdtemp(prefix="bench_embed_"))
+    os.makedirs(workdir, exist_ok=True)
+    shard_size = args.shard_size or min(500, math.ceil(args.num_images / 4))
+    print(f"workdir {workdir}", flush=True)
+
+    # Ray first: its start-up is not part of either measurement.
+    ray_cpus = args.ray_num_cpus or max(usable_cores(), MIN_RAY_CPUS)
+    if ray_cpus > usable_cores():
+        print(
+            f"note: local Ray gets {ray_cpus} logical CPUs on {usable_cores()} cores "
+            f"(the embed stage needs {MIN_RAY_CPUS}; it hangs with fewer)",
+            flush=True,
+        )
+    if not ray.is_initialized():
+        ray.init(include_dashboard=False, configure_logging=False, num_cpus=ray_cpus)
+    shards = build_shards(workdir, args.num_images, shard_size)
+    clip_model = make_checkpoint(workdir, args.clip_config)
+    device, dtype = pick_device_and_precision()
+    precision = f"{str(dtype).removeprefix('torch.')} ({device.type})"
+
+    runs = os.path.join(workdir, "runs")
+    os.makedirs(runs, exist_ok=True)
+    our_out = tempfile.mkdtemp(prefix="ours_", dir=runs)
+    ours = run_ours(shards, our_out, clip_model, args.batch_size)
+    ours["images_per_second"] = ours["images"] / ours["seconds"]
+    ours["output"] = our_out
+    # Stop Ray (idle workers, object store) so clip-retrieval gets the machine to itself.
+    ray.shutdown()
+
+    theirs: dict[str, Any] = {}
+    agree: dict[str, Any] = {}
+    if not args.skip_clip_retrieval:
+        their_out = tempfile.mkdtemp(prefix="clip_retrieval_", dir=runs)
+        seconds = run_clip_retrieval_inference(
+            shards, their_out, clip_model, batch_size=args.batch_size, timeout=args.timeout
+        )
+        agree = agreement(our_out, their_out)
+        images = agree["matched"] + agree["theirs_only"]
+        theirs = {"seconds": seconds, "images": images, "images_per_second": images / seconds}
+        theirs["output"] = their_out
+    ratio = ours["images_per_second"] / theirs["images_per_second"] if theirs else None
+
+    result = {
+        "num_images": args.num_images,
+        "batch_size": args.batch_size,
+        "clip_config": args.clip_config,
+        "clip_model": clip_model,
+        "shards": shards,
+        "shard_size": shard_size,
+        "precision": precision,
+        "ours": ours,
+        "clip_retrieval": theirs,
+        "ratio": ratio,
+        "agreement": agree,
+        "cpu_model": cpu_model(),
+        "cores": usable_cores(),
+        "torch": torch.__version__,
+        "ray": ray.__version__,
+        "ray_num_cpus": ray_cpus,
+        "python": platform.python_version(),
+    }
+    print_table(result)
+    if args.json_out:
+        with open(args.json_out, "w") as f:
+            json.dump(result, f, indent=2)
+        print(f"wrote {args.json_out}")
+    return result
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,186 @@
+"""The `knn-diffusion` command: a thin layer mapping flags onto the stage configs and functions.
+
+Flags are generated from each stage's config dataclass (one flag per field, --snake-case), and every flag
+must have help text in HELP: a test checks it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import logging
+import sys
+import types
+import typing
+from typing import Any
+
+HELP: dict[str, str] = {
+    # download
+    "url_list": "URL list file (parquet, csv, tsv, txt, jsonl; .gz allowed) or URI",
+    "output_folder": "folder (or URI) receiving the webdataset shards and status parquet files",
+    "input_format": "format of --url-list; default: from its extension",
+    "url_col": "column holding the image URLs",
+    "caption_col": "column holding captions; default: the first of caption/text/TEXT/alt present",
+    "extra_cols": "input columns to keep in the output (comma-separated); default: all other columns",
+    "image_size": "side of the resized images, in pixels",
+    "resize_mode": "img2dataset resize mode: no, keep_ratio, keep_ratio_largest, center_crop, border",
+    "resize_only_if_bigger": "only downscale, never upscale",
+    "encode_format": "image format inside the shards (jpg, png, webp)",
+    "encode_quality": "encoder quality for jpg/webp",
+    "min_image_size": "drop images whose smaller side is below this many pixels",
+    "max_aspect_ratio": "drop images with a larger aspect ratio",
+    "number_sample_per_shard": "URLs per shard (the unit of work and of resume)",
+    "thread_count": "concurrent fetches per shard task",
+    "timeout": "seconds before a fetch is abandoned",
+    "retries": "extra attempts per failed URL",
+    "max_shard_retry": "extra attempts per failed shard",
+    "allow_private_network": "allow loopback/private/link-local addresses (unsafe on shared networks)",
+    "allow_network": "CIDRs allowed although non-public, comma-separated (e.g. 127.0.0.1/32 for a local mirror)",
+    "max_image_bytes": "largest accepted response body, in bytes",
+    "max_image_pixels": "largest accepted image (width x height, read from its header before decoding)",
+    "user_agent_token": "token added to the User-Agent (and matched against X-Robots-Tag directives)",
+    # embed
+    "shards": "folder of webdataset shards written by `knn-diffusion download`",
+    "output": "database folder to write (img_emb/, text_emb/, metadata/, database.json)",
+    "clip_model": "open_clip:<config>/<pretrained tag or checkpoint path>, e.g. open_clip:ViT-B-32/openai",
+    "batch_size": "images per model call",
+    "num_actors": "model replicas; default: one per GPU, else one",
+    "precision": "auto (bf16 on CUDA/AMX, fp16 with AVX512-FP16, else fp32), fp32, bf16 or fp16",
+    "torch_threads": "intra-op threads per CPU model replica; default: all cores",
+    "enable_text": "also embed captions",
+    # index
+    "db": "database folder written by `knn-diffusion embed`",
+    "max_index_memory": "size budget of the index, e.g. 4G",
+    "current_memory_available": "memory the index build may use, e.g. 16G",
+    "max_query_time_ms": "per-query latency target that autofaiss tunes search parameters for",
+    "index_key": "faiss factory string to force (e.g. HNSW32); default: autofaiss chooses",
+    "nb_cores": "cores for the index build; default: all cores Ray offers",
+    "modality": "which embeddings to index: image or text",
+}
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def _base_type(tp: Any) -> tuple[Any, bool]:
+    """(element type, is_list) of an annotation such as `int`, `str | None`, `list[str] | None`."""
+    if isinstance(tp, types.UnionType) or typing.get_origin(tp) is typing.Union:
+        tp = next(a for a in typing.get_args(tp) if a is not type(None))
+    if typing.get_origin(tp) is list:
+        return typing.get_args(tp)[0], True
+    return tp, False
+
+
+def add_config_args(parser: argparse.ArgumentParser, config_cls: type) -> None:
+    """One flag per dataclass field; fields without a default are required."""
+    hints = typing.get_type_hints(config_cls)
+    for field in dataclasses.fields(config_cls):
+        if field.name not in HELP:
+            raise KeyError(f"no help text for {config_cls.__name__}.{field.name}")
+        tp, is_list = _base_type(hints[field.name])
+        required = field.default is dataclasses.MISSING and field.default_factory is dataclasses.MISSING
+        default = None if required else field.default
+        help_text = HELP[field.name] + ("" if required else f" (default: {default})")
+        if tp is bool:
+            parser.add_argument(
+                _flag(field.name), action=argparse.BooleanOptionalAction, default=default, help=help_text
+            )
+        elif is_list:
+            parser.add_argument(
+                _flag(field.name),
+                type=lambda s: [x for x in s.split(",") if x],
+                default=default,
+                help=help_text,
+            )
+        else:
+            parser.add_argument(
+                _flag(field.name), type=tp, default=default, required=required, help=help_text
+            )
+
+
+def config_from_args(config_cls: type, args: argparse.Namespace) -> Any:
+    return config_cls(**{f.name: getattr(args, f.name) for f in dataclasses.fields(config_cls)})
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from pipelines.download import DownloadConfig
+    from pipelines.embed import EmbedConfig
+    from pipelines.index import IndexConfig
+
+    parser = argparse.ArgumentParser(prog="knn-diffusion", description=__doc__.splitlines()[0])
+    parser.add_argument("-v", "--verbose", action="store_true", help="log at DEBUG level")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    ray_help = "Ray cluster to run on (auto, host:6379, ray://host:10001); default: start a local Ray"
+    for name, cls, desc in (
+        ("download", DownloadConfig, "URL list -> webdataset shards + status parquet (img2dataset on Ray)"),
+        ("embed", EmbedConfig, "shards -> CLIP embeddings + metadata (Ray Data actor pool)"),
+        ("index", IndexConfig, "embeddings -> faiss index (autofaiss)"),
+    ):
+        p = sub.add_parser(name, help=desc, description=desc)
+        add_config_args(p, cls)
+        p.add_argument("--ray-address", default=None, help=ray_help)
+        p.set_defaults(config_cls=cls)
+    p = sub.add_parser(
+        "serve", help="serve a database with clip-retrieval back", description="serve a database over HTTP"
+    )
+    p.add_argument("--db", required=True, help=HELP["db"])
+    p.add_argument("--port", type=int, default=1234, help="port (default: 1234)")
+    p.add_argument(
+        "--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1, this machine only)"
+    )
+    p = sub.add_parser("demo", help="the embedded default: generated images -> download -> embed -> index")
+    p.add_argument(
+        "--output", default="demo_out", help="folder for everything the demo writes (default: demo_out)"
+    )
+    p.add_argument(
+        "--num-images", type=int, default=512, help="generated images to serve and download (default: 512)"
+    )
+    p.add_argument(
+        "--clip-model",
+        default=None,
+        help="CLIP to embed with; default: a random-init ViT-S-32 checkpoint made locally (no download)",
+    )
+    p.add_argument("--ray-address", default=None, help=ray_help)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s"
+    )
+    try:
+        if args.command == "download":
+            from pipelines.download import download
+
+            download(config_from_args(args.config_cls, args), ray_address=args.ray_address)
+        elif args.command == "embed":
+            from pipelines.embed import embed
+
+            embed(config_from_args(args.config_cls, args), ray_address=args.ray_address)
+        elif args.command == "index":
+            from pipelines.index import build
+
+            build(config_from_args(args.config_cls, args), ray_address=args.ray_address)
+        elif args.command == "serve":
+            from retrieval.serve import serve
+
+            serve(args.db, port=args.port, host=args.host)
+        elif args.command == "demo":
+            from pipelines.demo import run_demo
+
+            run_demo(
+                args.output,
+                num_images=args.num_images,
+                clip_model=args.clip_model,
+                ray_address=args.ray_address,
+            )
+    except (ValueError, FileNotFoundError, KeyError) as err:
+        print(f"knn-diffusion {args.command}: error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,65 @@
+"""The command line: every subcommand and flag documented, flags map onto the stage configs, clear errors."""
+
+from __future__ import annotations
+
+import argparse
+
+import pytest
+
+from pipelines.cli import build_parser, config_from_args, main
+
+
+def subparsers(parser: argparse.ArgumentParser) -> dict[str, argparse.ArgumentParser]:
+    action = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    return dict(action.choices)
+
+
+def test_every_flag_has_help():
+    subs = subparsers(build_parser())
+    assert {"download", "embed", "index", "serve", "demo"} <= set(subs)
+    for name, sub in subs.items():
+        for action in sub._actions:
+            if action.option_strings and action.dest != "help":
+                assert action.help and action.help.strip(), f"{name} {action.option_strings} has no help"
+
+
+def test_flags_map_onto_config():
+    args = build_parser().parse_args(
+        [
+            "download",
+            "--url-list",
+            "u.parquet",
+            "--output-folder",
+            "o",
+            "--allow-network",
+            "127.0.0.1/32,10.0.0.0/8",
+            "--no-resize-only-if-bigger",
+            "--timeout",
+            "3",
+        ]
+    )
+    config = config_from_args(args.config_cls, args)
+    assert config.allow_network == ["127.0.0.1/32", "10.0.0.0/8"]
+    assert config.timeout == 3.0 and config.input_format == "parquet" and not config.allow_private_network
+
+
+def test_bad_input_exits_2_with_the_flag_named(tmp_path, capsys):
+    assert (
+        main(["download", "--url-list", str(tmp_path / "missing.parquet"), "--output-folder", str(tmp_path)])
+        == 2
+    )
+    assert "--url-list" in capsys.readouterr().err
+    assert (
+        main(
+            ["embed", "--shards", str(tmp_path), "--output", str(tmp_path / "db"), "--clip-model", "ViT-B/32"]
+        )
+        == 2
+    )
+    assert "--clip-model" in capsys.readouterr().err
+
+
+def test_help_runs(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["index", "--help"])
+    assert exit_info.value.code == 0
+    assert "--max-index-memory" in capsys.readouterr().out

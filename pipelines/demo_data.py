@@ -11,6 +11,7 @@ import io
 import os
 import threading
 from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any, Self
 
 import numpy as np
 from PIL import Image
@@ -60,23 +61,31 @@ def write_images(folder: str, num_images: int, size: int = 64) -> list[str]:
     return names
 
 
-class FolderServer:
-    """Serve a folder over HTTP on 127.0.0.1 (an ephemeral port) from a background thread."""
+class LocalServer:
+    """An HTTP server on 127.0.0.1 (ephemeral port) run from a background thread; use as a context manager."""
 
-    def __init__(self, folder: str) -> None:
-        class QuietHandler(SimpleHTTPRequestHandler):
-            def log_message(self, *args: object) -> None:
-                pass
-
-        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(QuietHandler, directory=folder))
+    def __init__(self, handler: Any) -> None:
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), handler)
         self.httpd.daemon_threads = True
-        self.base = f"http://127.0.0.1:{self.httpd.server_address[1]}"
+        self.port = self.httpd.server_address[1]
+        self.base = f"http://127.0.0.1:{self.port}"
         self._thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
 
-    def __enter__(self) -> FolderServer:
+    def __enter__(self) -> Self:
         self._thread.start()
         return self
 
     def __exit__(self, *exc: object) -> None:
         self.httpd.shutdown()
         self.httpd.server_close()
+
+
+class FolderServer(LocalServer):
+    """Serve a folder's files."""
+
+    def __init__(self, folder: str) -> None:
+        class QuietHandler(SimpleHTTPRequestHandler):
+            def log_message(self, *args: object) -> None:
+                pass
+
+        super().__init__(functools.partial(QuietHandler, directory=folder))

@@ -7,12 +7,12 @@ import hashlib
 import io
 import threading
 import time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from urllib.parse import parse_qs, urlsplit
 
 from PIL import Image
 
-from pipelines.demo_data import caption_for, make_image
+from pipelines.demo_data import LocalServer, caption_for, make_image
 
 __all__ = ["ImageServer", "caption_for", "make_image"]
 
@@ -24,7 +24,7 @@ def make_bomb_png(side: int) -> bytes:
     return buf.getvalue()
 
 
-class ImageServer:
+class ImageServer(LocalServer):
     """Routes: /img/<i>.jpg, /missing (404), /slow (sleeps), /corrupt.jpg, /page.html, /huge (chunk-less, no
     Content-Length), /huge-declared (large Content-Length), /bomb.png, /redirect?to=<url>.
     /img/<i>.jpg?delay=<s> answers after a delay (for interrupt tests)."""
@@ -87,19 +87,7 @@ class ImageServer:
                 else:
                     self._send(404, b"not found", "text/plain")
 
-        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.httpd.daemon_threads = True
-        self.port = self.httpd.server_address[1]
-        self.base = f"http://127.0.0.1:{self.port}"
-        self._thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
-
-    def __enter__(self) -> ImageServer:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.httpd.shutdown()
-        self.httpd.server_close()
+        super().__init__(Handler)
 
     def image_url(self, index: int, delay: float | None = None) -> str:
         return f"{self.base}/img/{index}.jpg" + (f"?delay={delay}" if delay else "")

@@ -47,9 +47,6 @@ import pandas as pd  # noqa: E402
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-# Read task + preprocess actor + model actor, one CPU each (pipelines/embed.py): the least Ray must offer.
-MIN_RAY_CPUS = 3
-
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
@@ -95,9 +92,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--ray-num-cpus",
         type=int,
         default=None,
-        help="logical CPUs of the local Ray (default: the usable cores, but at least 3: our embed stage holds "
-        "one CPU for its read task, one for the preprocess actor and one for the model actor, and hangs "
-        "on a Ray with fewer)",
+        help="logical CPUs of the local Ray (default: Ray's own, the usable cores)",
     )
     parser.add_argument(
         "--skip-clip-retrieval",
@@ -230,16 +225,6 @@ def run_ours(shards: str, output: str, clip_model: str, batch_size: int) -> dict
     return result
 
 
-def load_ours(output: str) -> tuple[np.ndarray, np.ndarray, pd.DataFrame]:
-    def cat(kind: str) -> np.ndarray:
-        return np.concatenate([np.load(p) for p in sorted(glob.glob(f"{output}/{kind}/*.npy"))]).astype(
-            np.float32
-        )
-
-    meta = pd.concat([pd.read_parquet(p) for p in sorted(glob.glob(f"{output}/metadata/*.parquet"))])
-    return cat("img_emb"), cat("text_emb"), meta
-
-
 def cosines(ours: np.ndarray, theirs: np.ndarray) -> np.ndarray:
     norms = np.linalg.norm(ours, axis=1) * np.linalg.norm(theirs, axis=1)
     return np.sum(ours * theirs, axis=1) / np.maximum(norms, 1e-12)
@@ -247,10 +232,10 @@ def cosines(ours: np.ndarray, theirs: np.ndarray) -> np.ndarray:
 
 def agreement(our_out: str, their_out: str) -> dict[str, Any]:
     """Per-image cosine between our and clip-retrieval's embeddings, rows matched by key."""
-    from bench.peers import load_clip_retrieval_output
+    from bench.peers import load_embedding_folder
 
-    img, text, meta = load_ours(our_out)
-    ref_img, ref_text, ref_meta = load_clip_retrieval_output(their_out)
+    img, text, meta = load_embedding_folder(our_out)
+    ref_img, ref_text, ref_meta = load_embedding_folder(their_out)
     by_key = {str(k): i for i, k in enumerate(meta["key"])}
     theirs_keys = [str(k) for k in ref_meta["image_path"]]
     common = [(by_key[k], j) for j, k in enumerate(theirs_keys) if k in by_key]
@@ -330,15 +315,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     print(f"workdir {workdir}", flush=True)
 
     # Ray first: its start-up is not part of either measurement.
-    ray_cpus = args.ray_num_cpus or max(usable_cores(), MIN_RAY_CPUS)
-    if ray_cpus > usable_cores():
-        print(
-            f"note: local Ray gets {ray_cpus} logical CPUs on {usable_cores()} cores "
-            f"(the embed stage needs {MIN_RAY_CPUS}; it hangs with fewer)",
-            flush=True,
-        )
     if not ray.is_initialized():
-        ray.init(include_dashboard=False, configure_logging=False, num_cpus=ray_cpus)
+        ray.init(include_dashboard=False, configure_logging=False, num_cpus=args.ray_num_cpus)
     shards = build_shards(workdir, args.num_images, shard_size)
     clip_model = make_checkpoint(workdir, args.clip_config)
     device, dtype = pick_device_and_precision()
@@ -347,6 +325,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     runs = os.path.join(workdir, "runs")
     os.makedirs(runs, exist_ok=True)
     our_out = tempfile.mkdtemp(prefix="ours_", dir=runs)
+    ray_cpus = ray.cluster_resources().get("CPU", 0)
     ours = run_ours(shards, our_out, clip_model, args.batch_size)
     ours["images_per_second"] = ours["images"] / ours["seconds"]
     ours["output"] = our_out
@@ -382,7 +361,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "cores": usable_cores(),
         "torch": torch.__version__,
         "ray": ray.__version__,
-        "ray_num_cpus": ray_cpus,
+        "ray_num_cpus": int(ray_cpus),
         "python": platform.python_version(),
     }
     print_table(result)

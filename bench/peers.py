@@ -48,8 +48,9 @@ def run_clip_retrieval_inference(
     return float(proc.stdout.rsplit("SECONDS", 1)[1].split()[0])
 
 
-def load_clip_retrieval_output(output: str) -> tuple[np.ndarray, np.ndarray, pd.DataFrame]:
-    """(image embeddings, text embeddings, metadata) of a clip-retrieval output folder, as float32."""
+def load_embedding_folder(output: str) -> tuple[np.ndarray, np.ndarray, pd.DataFrame]:
+    """(image embeddings, text embeddings, metadata) of a folder in clip-retrieval's layout (theirs or our
+    database), concatenated in file order, as float32."""
 
     def cat(kind: str) -> np.ndarray:
         return np.concatenate([np.load(p) for p in sorted(glob.glob(f"{output}/{kind}/*.npy"))]).astype(

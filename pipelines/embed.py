@@ -102,9 +102,20 @@ def finished_shards(shards: str) -> dict[int, tuple[str, int]]:
     return found
 
 
-def done_parts(output: str) -> set[int]:
+def done_parts(output: str, clip_model: str) -> set[int]:
+    """Parts already written; refuses an output holding another model's embeddings (a rerun would mix them)."""
     fs, path = fsspec.core.url_to_fs(output)
-    return {int(p.rsplit("/", 1)[-1].removesuffix(".json")) for p in fs.glob(f"{path}/_parts/*.json")}
+    done = set()
+    for p in fs.glob(f"{path}/_parts/*.json"):
+        with fs.open(p) as f:
+            marker = json.load(f)
+        if marker.get("clip_model") != clip_model:
+            raise ValueError(
+                f"--output {output} holds embeddings made with {marker.get('clip_model')!r}, not {clip_model!r}; "
+                "choose another --output (or delete it) to embed with a different --clip-model"
+            )
+        done.add(int(marker["shard"]))
+    return done
 
 
 @functools.lru_cache(maxsize=2)
@@ -178,7 +189,7 @@ def _part_names(shard_id: int) -> dict[str, str]:
     }
 
 
-def write_part(output: str, shard_id: int, rows: list[dict[str, Any]]) -> dict[str, Any]:
+def write_part(output: str, shard_id: int, rows: list[dict[str, Any]], clip_model: str) -> dict[str, Any]:
     """Write one shard's embeddings and metadata, sorted by image_id; the done marker goes last."""
     fs, root = fsspec.core.url_to_fs(output)
     good = sorted((r for r in rows if r["ok"]), key=lambda r: int(r["key"]))
@@ -200,7 +211,13 @@ def write_part(output: str, shard_id: int, rows: list[dict[str, Any]]) -> dict[s
             text = np.stack([r["text_emb"] for r in good]).astype(np.float32)
             atomic_write_bytes(fs, f"{root}/{names['text']}", _npy_bytes(text))
     dim = int(img.shape[1]) if img is not None else None
-    marker = {"shard": shard_id, "num_images": len(good), "num_failed": len(rows) - len(good), "dim": dim}
+    marker = {
+        "shard": shard_id,
+        "num_images": len(good),
+        "num_failed": len(rows) - len(good),
+        "dim": dim,
+        "clip_model": clip_model,
+    }
     atomic_write_bytes(fs, f"{root}/{names['done']}", json.dumps(marker).encode())
     return marker
 
@@ -219,7 +236,7 @@ def embed(config: EmbedConfig, ray_address: str | None = None) -> EmbedSummary:
 
     start = time.time()
     shards = finished_shards(config.shards)
-    skip = done_parts(config.output) & set(shards)
+    skip = done_parts(config.output, config.clip_model) & set(shards)
     todo = {s: v for s, v in sorted(shards.items()) if s not in skip}
     fs, root = fsspec.core.url_to_fs(config.output)
     for sub in ("img_emb", "text_emb", "metadata", "_parts"):
@@ -231,13 +248,15 @@ def embed(config: EmbedConfig, ray_address: str | None = None) -> EmbedSummary:
         use_gpu = bool(ray.cluster_resources().get("GPU", 0))
         num_actors = config.num_actors or (int(ray.cluster_resources().get("GPU", 1)) if use_gpu else 1)
         ds = ray.data.read_webdataset([p for p, _ in todo.values()], decoder=None, include_paths=True)
-        # With fewer than 2 CPUs, fractional requests keep the reader and the model actor from deadlocking.
-        cpu = 1.0 if ray.cluster_resources().get("CPU", 1) >= 2 else 0.5
+        # The model actor takes one CPU (half on a 1-CPU node, so readers still run). Preprocessing asks for
+        # half as much: more decoders fit beside the actor, and the differing requests keep Ray Data from
+        # fusing preprocessing into the actor, which would serialise decoding with inference.
+        embed_cpus = 1.0 if ray.cluster_resources().get("CPU", 1) >= 2 else 0.5
         ds = ds.map_batches(
             preprocess,
             fn_kwargs={"clip_model": config.clip_model, "enable_text": config.enable_text},
             batch_size=config.batch_size,
-            num_cpus=cpu,
+            num_cpus=embed_cpus / 2,
         )
         ds = ds.map_batches(
             Embedder,
@@ -249,7 +268,7 @@ def embed(config: EmbedConfig, ray_address: str | None = None) -> EmbedSummary:
             batch_size=config.batch_size,
             compute=ray.data.ActorPoolStrategy(size=num_actors),
             num_gpus=1 if use_gpu else 0,
-            num_cpus=cpu,
+            num_cpus=embed_cpus,
         )
         pending: dict[int, list[dict[str, Any]]] = defaultdict(list)
         expected = {s: n for s, (_, n) in todo.items()}
@@ -261,7 +280,7 @@ def embed(config: EmbedConfig, ray_address: str | None = None) -> EmbedSummary:
                     shard = int(row["shard"])
                     pending[shard].append(row)
                     if len(pending[shard]) == expected[shard]:
-                        write_part(config.output, shard, pending.pop(shard))
+                        write_part(config.output, shard, pending.pop(shard), config.clip_model)
                 num_new += n
                 bar.update(n)
         if pending:

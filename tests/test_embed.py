@@ -7,9 +7,9 @@ import json
 import os
 
 import numpy as np
-import pandas as pd
 import pytest
 
+from bench.peers import load_embedding_folder
 from pipelines.embed import EmbedConfig, embed
 from tests.conftest import NUM_TEST_IMAGES
 
@@ -22,10 +22,7 @@ def db(shards, tiny_clip, tmp_path_factory):
 
 
 def load_db(out):
-    img = np.concatenate([np.load(p) for p in sorted(glob.glob(f"{out}/img_emb/*.npy"))])
-    text = np.concatenate([np.load(p) for p in sorted(glob.glob(f"{out}/text_emb/*.npy"))])
-    meta = pd.concat([pd.read_parquet(p) for p in sorted(glob.glob(f"{out}/metadata/*.parquet"))])
-    return img, text, meta
+    return load_embedding_folder(str(out))
 
 
 def test_layout_counts_and_ids(db):
@@ -64,11 +61,11 @@ def test_rerun_skips_done_parts(db, shards, tiny_clip):
 
 def test_matches_clip_retrieval_inference(db, shards, tiny_clip, tmp_path):
     """Same shards, same checkpoint: per-image cosine with clip-retrieval's embeddings >= 0.999."""
-    from bench.peers import load_clip_retrieval_output, run_clip_retrieval_inference
+    from bench.peers import run_clip_retrieval_inference
 
     out, _ = db
     run_clip_retrieval_inference(shards, str(tmp_path / "ref"), tiny_clip, batch_size=16, timeout=600)
-    ref_img, ref_text, ref_meta = load_clip_retrieval_output(str(tmp_path / "ref"))
+    ref_img, ref_text, ref_meta = load_embedding_folder(str(tmp_path / "ref"))
     img, text, meta = load_db(out)
     by_key = {k: i for i, k in enumerate(meta.key)}
     order = [by_key[k] for k in ref_meta.image_path]
@@ -140,3 +137,11 @@ def test_clip_retrieval_back_serves_the_database(db, tmp_path):
     finally:
         proc.terminate()
         proc.wait(timeout=30)
+
+
+def test_rerun_with_another_model_is_refused(db, shards):
+    out, _ = db
+    with pytest.raises(ValueError, match="another --output"):
+        embed(
+            EmbedConfig(shards=shards, output=str(out), clip_model="open_clip:ViT-S-32//elsewhere/other.pt")
+        )

@@ -16,7 +16,6 @@ from collections.abc import Sequence
 from contextlib import nullcontext
 from typing import Any
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -173,9 +172,6 @@ class ClipEncoder:
     def encode_texts(self, texts: Sequence[str]) -> torch.Tensor:
         return self.encode_tokens(self.tokenizer(list(texts)))
 
-    def encode_pil(self, images: Sequence[Any]) -> torch.Tensor:
-        return self.encode_images(torch.stack([self.preprocess(im) for im in images]))
-
 
 def encode_text_trimmed(model: Any, tokens: torch.Tensor) -> torch.Tensor:
     """open_clip's CLIP.encode_text, run only up to the last end-of-text token of the batch.
@@ -209,7 +205,3 @@ def encode_text_trimmed(model: Any, tokens: torch.Tensor) -> torch.Tensor:
 def cached_encoder(name: str, device: str | None = None, precision: str = "auto") -> ClipEncoder:
     """One encoder per process and name (for query-time text embedding)."""
     return ClipEncoder(name, device=device, precision=precision)
-
-
-def to_numpy(emb: torch.Tensor) -> np.ndarray:
-    return emb.numpy().astype(np.float32, copy=False)

@@ -112,8 +112,11 @@ class Database:
         """[n, D] float32 image embeddings of the given ids."""
         return np.asarray(self._embeddings[self.rows_of(image_ids)], dtype=np.float32)
 
+    @cached_property
+    def _metadata(self) -> pd.DataFrame:
+        parts = sorted(glob.glob(os.path.join(self.path, "metadata", "*.parquet")))
+        return pd.concat([pd.read_parquet(p) for p in parts], ignore_index=True)
+
     def metadata(self, image_ids: np.ndarray) -> pd.DataFrame:
         """Metadata rows (url, caption, ...) of the given ids, in the given order."""
-        parts = sorted(glob.glob(os.path.join(self.path, "metadata", "*.parquet")))
-        table = pd.concat([pd.read_parquet(p) for p in parts], ignore_index=True)
-        return table.iloc[self.rows_of(image_ids)].reset_index(drop=True)
+        return self._metadata.iloc[self.rows_of(image_ids)].reset_index(drop=True)

@@ -56,6 +56,50 @@ HELP: dict[str, str] = {
     "index_key": "faiss factory string to force (e.g. HNSW32); default: autofaiss chooses",
     "nb_cores": "cores for the index build; default: all cores Ray offers",
     "modality": "which embeddings to index: image or text",
+    # aesthetic score / fit / subindex
+    "head": "laion-v1 or laion-v2 (the published head for the database's CLIP), a name such as "
+    "laion-v1:ViT-B-32, or the .pt written by `aesthetic fit`",
+    "head_dir": "folder holding the published head files (offline use); default: $KNN_DIFFUSION_AESTHETIC_DIR, "
+    "else download once into ~/.cache/knn_diffusion/aesthetic",
+    "allow_other_weights": "accept a head trained on another checkpoint of the same architecture",
+    "overwrite": "replace scores made by another head",
+    "ratings": "parquet of ratings: a rating column plus image_id (with --db) or an embedding column",
+    "output_head": "path of the fitted head (.pt; a .json with its model and held-out error goes beside it)",
+    "head_kind": "linear (LAION v1 shape) or mlp (LAION v2 shape)",
+    "rating_col": "column holding the ratings",
+    "epochs": "passes over the training ratings",
+    "lr": "AdamW learning rate",
+    "weight_decay": "AdamW weight decay",
+    "holdout": "fraction of the ratings held out to report the error on",
+    "seed": "random seed (held-out split, initialisation, batch order)",
+    "quantile_bins": "N bands holding equal numbers of images (the paper uses 5)",
+    "bands": "explicit bands LOWER-UPPER, comma-separated, each [LOWER, UPPER), e.g. 0-4.5,4.5-5.5,5.5-10",
+    "catalogue": "catalogue JSON to register the database in; default: $KNN_DIFFUSION_CATALOGUE, "
+    "else catalogue.json beside the database folder",
+    "name": "the database's name in the catalogue; default: its folder name",
+    # neighbours
+    "k": "neighbours per image",
+    "index": "aesthetic band (name or position, 0 = lowest) to draw neighbours from; default: the whole database",
+    "duplicate_threshold": "skip neighbours at cosine >= this as near-duplicates of the image",
+    "store_embeddings": "also store the neighbours' embeddings (float16) inline, so training needs no lookups",
+    "search_params": "faiss search parameters, e.g. nprobe=64 or efSearch=128; default: autofaiss's tuned ones",
+}
+
+# Where a field means something else in one stage.
+HELP_OVERRIDES: dict[tuple[str, str], str] = {
+    (
+        "NeighboursConfig",
+        "output",
+    ): "folder for the neighbour tables; default: <db>/neighbours (<db>/neighbours_<band>)",
+    ("NeighboursConfig", "batch_size"): "queries per faiss search call",
+    ("NeighboursConfig", "num_actors"): "actors holding the index; default: one per node",
+    ("FitConfig", "db"): "database whose embeddings the ratings' image_id column refers to",
+    ("FitConfig", "clip_model"): "the model of the ratings' embedding column (when there is no --db)",
+    ("SubindexConfig", "max_index_memory"): "size budget of each band's index, e.g. 4G",
+    (
+        "SubindexConfig",
+        "index_key",
+    ): "faiss factory string to force for every band; default: autofaiss chooses",
 }
 
 
@@ -76,12 +120,13 @@ def add_config_args(parser: argparse.ArgumentParser, config_cls: type) -> None:
     """One flag per dataclass field; fields without a default are required."""
     hints = typing.get_type_hints(config_cls)
     for field in dataclasses.fields(config_cls):
-        if field.name not in HELP:
+        text = HELP_OVERRIDES.get((config_cls.__name__, field.name), HELP.get(field.name))
+        if text is None:
             raise KeyError(f"no help text for {config_cls.__name__}.{field.name}")
         tp, is_list = _base_type(hints[field.name])
         required = field.default is dataclasses.MISSING and field.default_factory is dataclasses.MISSING
         default = None if required else field.default
-        help_text = HELP[field.name] + ("" if required else f" (default: {default})")
+        help_text = text + ("" if required else f" (default: {default})")
         if tp is bool:
             parser.add_argument(
                 _flag(field.name), action=argparse.BooleanOptionalAction, default=default, help=help_text
@@ -121,6 +166,39 @@ def build_parser() -> argparse.ArgumentParser:
         add_config_args(p, cls)
         p.add_argument("--ray-address", default=None, help=ray_help)
         p.set_defaults(config_cls=cls)
+    from pipelines.aesthetic import FitConfig, ScoreConfig, SubindexConfig
+    from pipelines.neighbours import NeighboursConfig
+
+    p = sub.add_parser("aesthetic", help="aesthetic scores, fitted heads and aesthetic-band sub-indexes")
+    aesthetic = p.add_subparsers(dest="aesthetic_command", required=True, metavar="ACTION")
+    for name, cls, desc in (
+        ("score", ScoreConfig, "score every image with a LAION (or fitted) aesthetic head -> db/aesthetic/"),
+        ("fit", FitConfig, "fit an aesthetic head (linear or LAION v2 MLP) to rated embeddings"),
+        ("subindex", SubindexConfig, "one faiss index per aesthetic band -> db/bands/ + the catalogue"),
+    ):
+        p = aesthetic.add_parser(name, help=desc, description=desc)
+        add_config_args(p, cls)
+        p.add_argument("--ray-address", default=None, help=ray_help)
+        p.set_defaults(config_cls=cls)
+    desc = "the k nearest neighbours of every image (self and near-duplicates excluded) -> parquet tables"
+    p = sub.add_parser("neighbours", help=desc, description=desc)
+    add_config_args(p, NeighboursConfig)
+    p.add_argument("--ray-address", default=None, help=ray_help)
+    p.set_defaults(config_cls=NeighboursConfig)
+    p = sub.add_parser(
+        "catalogue", help="list the catalogue or add a database (local folder or remote service)"
+    )
+    p.add_argument("action", choices=("list", "add"), help="list the databases, or add one")
+    p.add_argument(
+        "--catalogue", default=None, help=HELP["catalogue"].replace("beside the database folder", "here")
+    )
+    p.add_argument("--name", default=None, help="name of the database to add")
+    p.add_argument("--db", default=None, help="a local database folder to add")
+    p.add_argument(
+        "--url", default=None, help="a clip-retrieval back service to add, e.g. http://127.0.0.1:1234"
+    )
+    p.add_argument("--indice-name", default=None, help="the service's index name (default: its first)")
+    p.add_argument("--clip-model", default=None, help="the service's CLIP, as in `embed` (needed with --url)")
     p = sub.add_parser(
         "serve", help="serve a database with clip-retrieval back", description="serve a database over HTTP"
     )
@@ -145,6 +223,33 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def catalogue_command(args: argparse.Namespace) -> None:
+    from retrieval import catalogue
+    from retrieval.remote import RemoteDatabase
+
+    path = args.catalogue or catalogue.default_path()
+    if args.action == "list":
+        for name, entry in sorted(catalogue.load(path)["databases"].items()):
+            where = entry.get("path") or f"{entry['url']} ({entry['indice_name']})"
+            bands = ", ".join(f"{b['name']}: {b['count']}" for b in entry.get("bands", []))
+            print(f"{name}\t{entry['kind']}\t{where}\t{entry.get('num_images', '?')} images\t{bands}")
+        return
+    if not args.name or (args.db is None) == (args.url is None):
+        raise ValueError("catalogue add needs --name and exactly one of --db or --url")
+    if args.db:
+        entry = catalogue.local_entry(args.db)
+    else:
+        if not args.clip_model:
+            raise ValueError("catalogue add --url needs --clip-model (the model the service embeds with)")
+        indices = RemoteDatabase(args.url, "", args.clip_model).indices()
+        indice = args.indice_name or indices[0]
+        if indice not in indices:
+            raise ValueError(f"--indice-name {indice!r} is not served by {args.url} (it serves {indices})")
+        entry = {"kind": "remote", "url": args.url, "indice_name": indice, "clip_model": args.clip_model}
+    catalogue.register(path, args.name, entry)
+    print(f"catalogue {path}: added {args.name!r} ({entry['kind']})")
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(
@@ -163,6 +268,22 @@ def main(argv: list[str] | None = None) -> int:
             from pipelines.index import build
 
             build(config_from_args(args.config_cls, args), ray_address=args.ray_address)
+        elif args.command == "aesthetic":
+            from pipelines import aesthetic
+
+            config = config_from_args(args.config_cls, args)
+            if args.aesthetic_command == "score":
+                aesthetic.score(config)
+            elif args.aesthetic_command == "fit":
+                aesthetic.fit(config)
+            else:
+                aesthetic.subindex(config, ray_address=args.ray_address)
+        elif args.command == "neighbours":
+            from pipelines.neighbours import compute
+
+            compute(config_from_args(args.config_cls, args), ray_address=args.ray_address)
+        elif args.command == "catalogue":
+            catalogue_command(args)
         elif args.command == "serve":
             from retrieval.serve import serve
 

@@ -49,18 +49,23 @@ def index_file_names(modality: str) -> tuple[str, str]:
     return f"{modality}.index", "index_infos.json" if modality == "image" else "text_index_infos.json"
 
 
-def _build(config: IndexConfig) -> dict[str, Any]:
-    """Runs inside a Ray task: build into temporary names, then rename into place."""
+def build_faiss_index(
+    embeddings: Any, out_dir: str, index_name: str, infos_name: str, config: IndexConfig
+) -> dict[str, Any]:
+    """autofaiss on `embeddings` (a folder of .npy or an array [N, D]) into out_dir/index_name + infos_name.
+
+    Built under temporary names and renamed into place, so a reader never sees half an index.
+    """
     from autofaiss import build_index
 
-    fs, root = fsspec.core.url_to_fs(config.db)
-    index_name, infos_name = index_file_names(config.modality)
+    fs, root = fsspec.core.url_to_fs(out_dir)
+    fs.makedirs(root, exist_ok=True)
     tmp_index, tmp_infos = f"{root}/.tmp-{index_name}", f"{root}/.tmp-{infos_name}"
-    emb_dir = f"{config.db}/{'img_emb' if config.modality == 'image' else 'text_emb'}"
+    source = embeddings if isinstance(embeddings, str) else f"{len(embeddings)} embeddings for {out_dir}"
     hint = "raise --max-index-memory (or --current-memory-available), or force a smaller --index-key"
     try:
         index, infos = build_index(
-            embeddings=emb_dir,
+            embeddings=embeddings,
             index_path=tmp_index,
             index_infos_path=tmp_infos,
             max_index_memory_usage=config.max_index_memory,
@@ -73,17 +78,24 @@ def _build(config: IndexConfig) -> dict[str, Any]:
         )
     except IndexError as err:  # autofaiss 2.18 raises this when no index type fits the budget
         raise ValueError(
-            f"autofaiss found no index for {emb_dir} within --max-index-memory {config.max_index_memory}: {hint}"
+            f"autofaiss found no index for {source} within --max-index-memory {config.max_index_memory}: {hint}"
         ) from err
     if index is None:
         raise ValueError(
-            f"autofaiss built no index for {emb_dir} (--max-index-memory {config.max_index_memory}, "
+            f"autofaiss built no index for {source} (--max-index-memory {config.max_index_memory}, "
             f"--current-memory-available {config.current_memory_available}; the budget must be under 90% of the "
             f"available memory and fit the build): {hint}"
         )
     fs.mv(tmp_index, f"{root}/{index_name}")
     fs.mv(tmp_infos, f"{root}/{infos_name}")
     return dict(infos)
+
+
+def _build(config: IndexConfig) -> dict[str, Any]:
+    """Runs inside a Ray task."""
+    index_name, infos_name = index_file_names(config.modality)
+    emb_dir = f"{config.db}/{'img_emb' if config.modality == 'image' else 'text_emb'}"
+    return build_faiss_index(emb_dir, config.db, index_name, infos_name, config)
 
 
 def build(config: IndexConfig, ray_address: str | None = None) -> dict[str, Any]:

@@ -1,7 +1,9 @@
-"""Open a retrieval database folder (index + embeddings + metadata) and search it by embedding or text.
+"""Open a retrieval database folder (index + embeddings + metadata [+ aesthetic bands]) and search it.
 
 A database is the folder the embed and index stages write (docs/architecture.md). Results are global
-image ids (int64), never faiss row numbers, so they stay valid for every later stage.
+image ids (int64), never faiss row numbers, so they stay valid for every later stage. An aesthetic band
+(bands/<name>/, written by `knn-diffusion aesthetic subindex`) is a smaller index over the images whose
+score lies in [lower, upper); search(..., band=...) uses it and still answers in global ids.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from functools import cached_property
 import faiss
 import numpy as np
 import pandas as pd
+import pyarrow as pa
 import pyarrow.parquet as pq
 
 
@@ -24,6 +27,36 @@ class SearchResult:
 
     ids: np.ndarray
     scores: np.ndarray
+
+
+def read_index(path: str, mmap: bool = True) -> faiss.Index:
+    """A faiss index, memory-mapped read-only where the index type allows it."""
+    if mmap:
+        try:
+            return faiss.read_index(path, faiss.IO_FLAG_MMAP | faiss.IO_FLAG_READ_ONLY)
+        except RuntimeError:  # some index types cannot be memory-mapped
+            pass
+    return faiss.read_index(path)
+
+
+def map_rows(rows: np.ndarray, ids: np.ndarray) -> np.ndarray:
+    """faiss rows [Q, k] (-1 = no result) -> image ids [Q, k] (-1 kept)."""
+    return np.where(rows >= 0, ids[np.clip(rows, 0, None)], -1)
+
+
+@dataclasses.dataclass
+class Band:
+    """One aesthetic band: images whose score s satisfies lower <= s < upper (None = unbounded)."""
+
+    name: str
+    lower: float | None
+    upper: float | None
+    count: int
+
+    def contains(self, scores: np.ndarray) -> np.ndarray:
+        lo = -np.inf if self.lower is None else self.lower
+        hi = np.inf if self.upper is None else self.upper
+        return (scores >= lo) & (scores < hi)
 
 
 def normalize(queries: np.ndarray) -> np.ndarray:
@@ -41,6 +74,8 @@ class Database:
         self.ids = ids
         self.info = info
         self.dim = int(info["dim"])
+        self.mmap = True
+        self._band_indexes: dict[str, tuple[faiss.Index | None, np.ndarray]] = {}
 
     @classmethod
     def open(cls, path: str, modality: str = "image", mmap: bool = True) -> Database:
@@ -57,11 +92,7 @@ class Database:
             )
         with open(info_path) as f:
             info = json.load(f)
-        flags = faiss.IO_FLAG_MMAP | faiss.IO_FLAG_READ_ONLY if mmap else 0
-        try:
-            index = faiss.read_index(index_path, flags)
-        except RuntimeError:  # some index types cannot be memory-mapped
-            index = faiss.read_index(index_path)
+        index = read_index(index_path, mmap)
         parts = sorted(glob.glob(os.path.join(path, "metadata", "*.parquet")))
         ids = np.concatenate([pq.read_table(p, columns=["image_id"])["image_id"].to_numpy() for p in parts])
         if len(ids) != index.ntotal:
@@ -69,21 +100,84 @@ class Database:
                 f"{path}: the index holds {index.ntotal} vectors but the metadata {len(ids)} rows; "
                 f"rebuild it with `knn-diffusion index --db {path}`"
             )
-        return cls(path, index, ids.astype(np.int64), info)
+        db = cls(path, index, ids.astype(np.int64), info)
+        db.mmap = mmap
+        return db
 
     def __len__(self) -> int:
         return int(self.index.ntotal)
 
-    def search(self, queries: np.ndarray, k: int) -> SearchResult:
-        """k nearest images of each query embedding ([Q, D] or [D]; normalised here) by cosine similarity."""
+    def search(self, queries: np.ndarray, k: int, band: str | int | None = None) -> SearchResult:
+        """k nearest images of each query embedding ([Q, D] or [D]; normalised here) by cosine similarity.
+
+        band: an aesthetic band's name or position in `bands` (0 = lowest scores); None searches everything.
+        """
         q = normalize(queries)
         if q.shape[1] != self.dim:
             raise ValueError(
                 f"query dimension {q.shape[1]} does not match the database's {self.dim} ({self.path})"
             )
-        scores, rows = self.index.search(q, k)
-        ids = np.where(rows >= 0, self.ids[np.clip(rows, 0, None)], -1)
-        return SearchResult(ids=ids, scores=scores.astype(np.float32))
+        index, ids = self.index_and_ids(band)
+        if index is None:  # an empty band
+            return SearchResult(np.full((len(q), k), -1, np.int64), np.full((len(q), k), -np.inf, np.float32))
+        scores, rows = index.search(q, k)
+        return SearchResult(ids=map_rows(rows, ids), scores=scores.astype(np.float32))
+
+    @cached_property
+    def bands(self) -> list[Band]:
+        """The aesthetic bands, lowest scores first ([] when none were built)."""
+        path = os.path.join(self.path, "bands", "bands.json")
+        if not os.path.exists(path):
+            return []
+        with open(path) as f:
+            return [
+                Band(**{k: b[k] for k in ("name", "lower", "upper", "count")}) for b in json.load(f)["bands"]
+            ]
+
+    def band(self, band: str | int) -> Band:
+        bands = self.bands
+        if not bands:
+            raise ValueError(
+                f"{self.path} has no aesthetic bands; run `knn-diffusion aesthetic subindex --db {self.path}`"
+            )
+        names = [b.name for b in bands]
+        if isinstance(band, str) and band in names:
+            return bands[names.index(band)]
+        if (isinstance(band, int) or band.isdigit()) and 0 <= int(band) < len(bands):  # `--band 4`
+            return bands[int(band)]
+        raise ValueError(
+            f"{self.path} has no band {band!r}; its bands are {names} (or positions 0..{len(bands) - 1})"
+        )
+
+    def index_and_ids(self, band: str | int | None = None) -> tuple[faiss.Index | None, np.ndarray]:
+        """(faiss index, image id of each of its rows) of the whole database or of a band (None if empty)."""
+        if band is None:
+            return self.index, self.ids
+        name = self.band(band).name
+        if name not in self._band_indexes:
+            folder = os.path.join(self.path, "bands", name)
+            ids = np.load(os.path.join(folder, "ids.npy"))
+            index = read_index(os.path.join(folder, "image.index"), self.mmap) if len(ids) else None
+            self._band_indexes[name] = (index, ids)
+        return self._band_indexes[name]
+
+    @cached_property
+    def _aesthetic(self) -> np.ndarray:
+        parts = sorted(glob.glob(os.path.join(self.path, "aesthetic", "aesthetic_*.parquet")))
+        if not parts:
+            raise FileNotFoundError(
+                f"{self.path} has no aesthetic scores; run `knn-diffusion aesthetic score --db {self.path}`"
+            )
+        table = pa.concat_tables([pq.read_table(p, columns=["image_id", "aesthetic"]) for p in parts])
+        if len(table) != len(self.ids) or not (table["image_id"].to_numpy() == self.ids).all():
+            raise ValueError(
+                f"{self.path}/aesthetic does not cover the database's images; rerun `knn-diffusion aesthetic score`"
+            )
+        return table["aesthetic"].to_numpy()
+
+    def aesthetic_scores(self, image_ids: np.ndarray) -> np.ndarray:
+        """[n] float32 aesthetic scores of the given ids."""
+        return self._aesthetic[self.rows_of(image_ids)]
 
     def search_text(self, texts: list[str], k: int) -> SearchResult:
         """Embed texts with the database's own CLIP model, then search()."""

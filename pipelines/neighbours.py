@@ -1,0 +1,271 @@
+"""Neighbour tables: db/img_emb/*.npy + an index (the database's or a band's) -> <output>/neighbours_N.parquet,
+the k nearest neighbours of every image (itself and near-duplicates excluded), as a Ray job.
+
+Each part of the database becomes one parquet shard, row for row with metadata_N.parquet:
+    image_id int64, neighbour_ids fixed_size_list<int64>[k] (-1 where fewer were found),
+    neighbour_scores fixed_size_list<float32>[k] (cosine; NaN where missing),
+    neighbour_emb fixed_size_list<fixed_size_list<float16>[D]>[k] (with --store-embeddings; zeros where missing).
+Actors load the index once (memory-mapped where faiss can) and search the parts they are handed; a shard
+is written under a temporary name and renamed, so a rerun skips exactly the finished ones.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import glob
+import io
+import json
+import os
+import time
+from typing import Any
+
+import fsspec
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+from tqdm import tqdm
+
+from pipelines.atomic import atomic_write_bytes
+
+
+@dataclasses.dataclass
+class NeighboursConfig:
+    """index: an aesthetic band's name or position to draw neighbours from; None = the whole database.
+    duplicate_threshold: neighbours with cosine >= this are near-duplicates of the query and skipped.
+    search_params: faiss ParameterSpace string applied to the index, e.g. "nprobe=64" or "efSearch=128";
+    None keeps the parameters autofaiss tuned and saved in the index.
+    """
+
+    db: str
+    output: str | None = None
+    k: int = 10
+    index: str | None = None
+    duplicate_threshold: float = 0.98
+    store_embeddings: bool = False
+    search_params: str | None = None
+    batch_size: int = 4096
+    num_actors: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.k < 1:
+            raise ValueError(f"--k must be >= 1, got {self.k}")
+        if not -1.0 < self.duplicate_threshold <= 1.0:
+            raise ValueError(f"--duplicate-threshold is a cosine in (-1, 1], got {self.duplicate_threshold}")
+        if self.batch_size < 1:
+            raise ValueError(f"--batch-size must be >= 1, got {self.batch_size}")
+        if self.output is None:
+            self.output = os.path.join(
+                self.db, "neighbours" if self.index is None else f"neighbours_{self.index}"
+            )
+
+    def settings(self) -> dict[str, Any]:
+        """What determines the table's content (a rerun with other settings must not mix into it)."""
+        return {
+            "db": os.path.abspath(self.db),
+            "k": self.k,
+            "index": self.index,
+            "duplicate_threshold": self.duplicate_threshold,
+            "store_embeddings": self.store_embeddings,
+            "search_params": self.search_params,
+        }
+
+
+def select_neighbours(
+    query_ids: np.ndarray, ids: np.ndarray, scores: np.ndarray, k: int, duplicate_threshold: float
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """From candidates ids/scores [Q, m] (best first), the first k that are not the query itself, not a
+    near-duplicate (score >= threshold) and not missing (-1). Returns (ids [Q, k], scores [Q, k], found [Q])."""
+    keep = (ids >= 0) & (ids != query_ids[:, None]) & (scores < duplicate_threshold)
+    order = np.argsort(~keep, axis=1, kind="stable")[:, :k]
+    sel_ids = np.take_along_axis(ids, order, axis=1)
+    sel_scores = np.take_along_axis(scores, order, axis=1).astype(np.float32)
+    sel_keep = np.take_along_axis(keep, order, axis=1)
+    if sel_ids.shape[1] < k:  # fewer candidates than k
+        pad = k - sel_ids.shape[1]
+        sel_ids = np.pad(sel_ids, ((0, 0), (0, pad)), constant_values=-1)
+        sel_scores = np.pad(sel_scores, ((0, 0), (0, pad)), constant_values=np.nan)
+        sel_keep = np.pad(sel_keep, ((0, 0), (0, pad)), constant_values=False)
+    sel_ids = np.where(sel_keep, sel_ids, -1)
+    sel_scores = np.where(sel_keep, sel_scores, np.nan).astype(np.float32)
+    return sel_ids, sel_scores, sel_keep.sum(axis=1)
+
+
+class NeighbourSearcher:
+    """Holds one index (opened once, memory-mapped where possible); __call__(part) writes that part's table."""
+
+    MAX_FETCH = 1024
+
+    def __init__(self, config: NeighboursConfig, threads: int | None = None) -> None:
+        import faiss
+
+        from retrieval.database import Database
+
+        if threads:
+            faiss.omp_set_num_threads(threads)
+        self.config = config
+        self.database = Database.open(config.db)
+        self.index, self.index_ids = self.database.index_and_ids(config.index)
+        if self.index is not None and config.search_params:
+            try:
+                faiss.ParameterSpace().set_index_parameters(self.index, config.search_params)
+            except RuntimeError as err:
+                raise ValueError(
+                    f"--search-params {config.search_params!r} do not apply to this index: {err}"
+                ) from err
+
+    def search(self, query_ids: np.ndarray, queries: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(neighbour ids [Q, k], scores [Q, k], number found [Q]); widens the search where too many are skipped."""
+        from retrieval.database import map_rows
+
+        k = self.config.k
+        if self.index is None:
+            empty = np.zeros((len(queries), 0))
+            return select_neighbours(
+                query_ids, empty.astype(np.int64), empty, k, self.config.duplicate_threshold
+            )
+        fetch = min(k + 1 + max(4, k // 2), max(self.index.ntotal, 1))
+        scores, rows = self.index.search(queries, fetch)
+        ids, sc, found = select_neighbours(
+            query_ids, map_rows(rows, self.index_ids), scores, k, self.config.duplicate_threshold
+        )
+        short = np.flatnonzero(found < k)
+        while len(short) and fetch < min(self.MAX_FETCH, self.index.ntotal):
+            fetch = min(fetch * 4, self.MAX_FETCH, self.index.ntotal)
+            scores, rows = self.index.search(queries[short], fetch)
+            ids[short], sc[short], found[short] = select_neighbours(
+                query_ids[short], map_rows(rows, self.index_ids), scores, k, self.config.duplicate_threshold
+            )
+            short = short[found[short] < k]
+        return ids, sc, found
+
+    def __call__(self, part: str) -> dict[str, Any]:
+        start = time.time()
+        db, out = self.config.db, self.config.output
+        emb = np.load(os.path.join(db, "img_emb", f"img_emb_{part}.npy"), mmap_mode="r")
+        query_ids = pq.read_table(
+            os.path.join(db, "metadata", f"metadata_{part}.parquet"), columns=["image_id"]
+        )
+        query_ids = query_ids["image_id"].to_numpy().astype(np.int64)
+        all_ids, all_scores, num_found = [], [], []
+        for lo in range(0, len(emb), self.config.batch_size):
+            q = np.ascontiguousarray(emb[lo : lo + self.config.batch_size], dtype=np.float32)
+            ids, scores, found = self.search(query_ids[lo : lo + len(q)], q)
+            all_ids.append(ids)
+            all_scores.append(scores)
+            num_found.append(found)
+        k = self.config.k
+        ids = np.concatenate(all_ids) if all_ids else np.zeros((0, k), np.int64)
+        scores = np.concatenate(all_scores) if all_scores else np.zeros((0, k), np.float32)
+        found = np.concatenate(num_found) if num_found else np.zeros(0, np.int64)
+        columns = {
+            "image_id": pa.array(query_ids),
+            "neighbour_ids": pa.FixedSizeListArray.from_arrays(pa.array(ids.reshape(-1)), k),
+            "neighbour_scores": pa.FixedSizeListArray.from_arrays(pa.array(scores.reshape(-1)), k),
+        }
+        if self.config.store_embeddings:
+            dim = self.database.dim
+            nemb = np.zeros((len(ids), k, dim), np.float16)
+            valid = ids >= 0
+            if valid.any():
+                nemb[valid] = self.database.embeddings(ids[valid]).astype(np.float16)
+            inner = pa.FixedSizeListArray.from_arrays(pa.array(nemb.reshape(-1)), dim)
+            columns["neighbour_emb"] = pa.FixedSizeListArray.from_arrays(inner, k)
+        buf = io.BytesIO()
+        pq.write_table(pa.table(columns), buf)
+        fs, root = fsspec.core.url_to_fs(out)
+        atomic_write_bytes(fs, f"{root}/neighbours_{part}.parquet", buf.getvalue())
+        return {
+            "part": part,
+            "num_images": len(ids),
+            "num_short": int((found < k).sum()),
+            "seconds": time.time() - start,
+        }
+
+
+def read_table(path: str) -> dict[str, np.ndarray]:
+    """A neighbours folder (or one shard) -> image_id [N], neighbour_ids [N, k], neighbour_scores [N, k]
+    (+ neighbour_emb [N, k, D] float16 when stored)."""
+    files = sorted(glob.glob(os.path.join(path, "neighbours_*.parquet"))) if os.path.isdir(path) else [path]
+    if not files:
+        raise FileNotFoundError(f"{path} holds no neighbours_*.parquet; run `knn-diffusion neighbours` first")
+    table = pa.concat_tables([pq.read_table(f) for f in files])
+    n = len(table)
+    out = {"image_id": table["image_id"].to_numpy()}
+    for name in ("neighbour_ids", "neighbour_scores"):
+        col = table[name].combine_chunks()
+        out[name] = col.flatten().to_numpy().reshape(n, col.type.list_size)
+    if "neighbour_emb" in table.column_names:
+        col = table["neighbour_emb"].combine_chunks()
+        k, dim = col.type.list_size, col.type.value_type.list_size
+        out["neighbour_emb"] = col.flatten().flatten().to_numpy(zero_copy_only=False).reshape(n, k, dim)
+    return out
+
+
+def _parts(db: str) -> list[str]:
+    files = sorted(glob.glob(os.path.join(db, "img_emb", "img_emb_*.npy")))
+    if not files:
+        raise FileNotFoundError(f"--db {db} has no img_emb/*.npy; run `knn-diffusion embed` first")
+    return [os.path.basename(f)[len("img_emb_") : -len(".npy")] for f in files]
+
+
+def compute(config: NeighboursConfig, ray_address: str | None = None) -> dict[str, Any]:
+    """Write the neighbour table of every image of config.db; returns a summary."""
+    import ray
+
+    from pipelines.ray_env import init_ray
+    from retrieval.database import Database
+
+    start = time.time()
+    database = Database.open(config.db)  # fail here, not in an actor, on a missing index or band
+    if config.index is not None:
+        database.band(config.index)
+    out = config.output
+    fs, root = fsspec.core.url_to_fs(out)
+    settings = config.settings()
+    settings_path = f"{root}/neighbours.json"
+    if fs.exists(settings_path):
+        with fs.open(settings_path) as f:
+            previous = json.load(f)
+        if previous != settings:
+            raise ValueError(
+                f"--output {out} holds neighbours computed with other settings ({previous}); "
+                "choose another --output or delete it"
+            )
+    else:
+        atomic_write_bytes(fs, settings_path, json.dumps(settings, indent=2).encode())
+    parts = _parts(config.db)
+    todo = [p for p in parts if not fs.exists(f"{root}/neighbours_{p}.parquet")]
+    init_ray(ray_address)
+    nodes = [n for n in ray.nodes() if n.get("Alive") and n["Resources"].get("CPU")]
+    num_actors = min(config.num_actors or len(nodes), max(len(todo), 1))
+    cpus = max(1, int(min(n["Resources"]["CPU"] for n in nodes)) if nodes else 1)
+    if config.num_actors:
+        cpus = max(1, int(sum(n["Resources"]["CPU"] for n in nodes)) // num_actors)
+    actor_cls = ray.remote(num_cpus=cpus)(NeighbourSearcher)
+    results: list[dict[str, Any]] = []
+    if todo:
+        pool = ray.util.ActorPool([actor_cls.remote(config, cpus) for _ in range(num_actors)])
+        for part in todo:
+            pool.submit(lambda actor, p: actor.__call__.remote(p), part)
+        with tqdm(total=len(todo), desc="neighbours", unit="part") as bar:
+            while pool.has_next():
+                results.append(pool.get_next_unordered())
+                bar.update(1)
+    num_images = sum(r["num_images"] for r in results)
+    num_short = sum(r["num_short"] for r in results)
+    seconds = time.time() - start
+    summary = {
+        "num_images": num_images,
+        "num_short": num_short,
+        "parts_written": len(todo),
+        "parts_skipped": len(parts) - len(todo),
+        "seconds": seconds,
+    }
+    source = "the whole database" if config.index is None else f"band {config.index}"
+    print(
+        f"neighbours: k={config.k} from {source} for {num_images} images in {len(todo)} parts "
+        f"({len(parts) - len(todo)} already done; {num_short} images with fewer than k) in {seconds:.1f}s "
+        f"({num_images / max(seconds, 1e-9):.0f} images/s) -> {out}",
+        flush=True,
+    )
+    return summary

@@ -1,0 +1,124 @@
+"""A remote `clip-retrieval back` service as a database: query embeddings [Q, D] -> SearchResult of image ids.
+
+This is the paper's "image search engine" source: the service returns ids, similarities and metadata
+(url, caption); neighbour embeddings are computed here by fetching the images (through the download
+stage's guarded opener, so private addresses are refused unless allowed) and embedding them with the
+service's own CLIP. Responses are read with a size cap.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import urllib.request
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from retrieval.database import SearchResult, normalize
+
+MAX_RESPONSE_BYTES = 16 * 1024 * 1024
+
+
+def _read_capped(response: Any, limit: int, what: str) -> bytes:
+    data = response.read(limit + 1)
+    if len(data) > limit:
+        raise ValueError(f"{what} answered more than {limit} bytes; refusing to read further")
+    return data
+
+
+class RemoteDatabase:
+    """search(queries, k) against http://host:port/knn-service; metadata(ids) and embeddings(ids) of results seen."""
+
+    def __init__(
+        self,
+        url: str,
+        indice_name: str,
+        clip_model: str,
+        timeout: float = 30.0,
+        allow_network: tuple[str, ...] = (),
+        allow_private_network: bool = False,
+    ) -> None:
+        if not url.startswith(("http://", "https://")):
+            raise ValueError(f"remote database url {url!r} must start with http:// or https://")
+        self.path = self.url = url.rstrip("/")
+        self.indice_name = indice_name
+        self.info = {"clip_model": clip_model}
+        self.timeout = timeout
+        self.allow_network = tuple(allow_network)
+        self.allow_private_network = allow_private_network
+        self._seen: dict[int, dict[str, Any]] = {}
+
+    def _post(self, endpoint: str, body: dict[str, Any]) -> Any:
+        req = urllib.request.Request(
+            f"{self.url}/{endpoint}",
+            data=json.dumps(body).encode(),
+            headers={"Content-Type": "application/json"},
+        )
+        with urllib.request.urlopen(req, timeout=self.timeout) as r:
+            return json.loads(_read_capped(r, MAX_RESPONSE_BYTES, f"{self.url}/{endpoint}"))
+
+    def indices(self) -> list[str]:
+        with urllib.request.urlopen(f"{self.url}/indices-list", timeout=self.timeout) as r:
+            return json.loads(_read_capped(r, MAX_RESPONSE_BYTES, f"{self.url}/indices-list"))
+
+    def search(self, queries: np.ndarray, k: int, band: str | int | None = None) -> SearchResult:
+        """k nearest images per query; ids are the service's image_id column (else its row id)."""
+        if band is not None:
+            raise ValueError(f"the remote database {self.url} ({self.indice_name}) has no aesthetic bands")
+        q = normalize(queries)
+        ids = np.full((len(q), k), -1, np.int64)
+        scores = np.full((len(q), k), -np.inf, np.float32)
+        for i, vec in enumerate(q):
+            results = self._post(
+                "knn-service",
+                {
+                    "embedding_input": vec.tolist(),
+                    "modality": "image",
+                    "num_images": k,
+                    "num_result_ids": k,
+                    "indice_name": self.indice_name,
+                    "deduplicate": False,
+                    "use_safety_model": False,
+                    "use_violence_detector": False,
+                },
+            )
+            for j, hit in enumerate(results[:k]):
+                image_id = int(hit.get("image_id", hit["id"]))
+                ids[i, j], scores[i, j] = image_id, hit["similarity"]
+                self._seen[image_id] = {c: v for c, v in hit.items() if c not in ("id", "similarity")}
+        return SearchResult(ids=ids, scores=scores)
+
+    def search_text(self, texts: list[str], k: int) -> SearchResult:
+        from retrieval.clip_model import cached_encoder
+
+        return self.search(cached_encoder(self.info["clip_model"]).encode_texts(texts).numpy(), k)
+
+    def metadata(self, image_ids: np.ndarray) -> pd.DataFrame:
+        """Metadata of ids returned by earlier searches (the service is asked by row, which we never see)."""
+        missing = [int(i) for i in image_ids if int(i) not in self._seen]
+        if missing:
+            raise KeyError(f"image ids {missing[:5]} were not returned by a search of {self.url}")
+        return pd.DataFrame([{"image_id": int(i), **self._seen[int(i)]} for i in image_ids])
+
+    def embeddings(self, image_ids: np.ndarray) -> np.ndarray:
+        """[n, D] float32: the images behind the ids, fetched by url (guarded) and embedded with the CLIP."""
+        from PIL import Image
+
+        from pipelines.safe_fetch import FetchPolicy, guarded_opener
+        from retrieval.clip_model import cached_encoder
+
+        encoder = cached_encoder(self.info["clip_model"])
+        opener = guarded_opener(
+            FetchPolicy(allow_private_network=self.allow_private_network, allowed_networks=self.allow_network)
+        )
+        urls = self.metadata(image_ids)["url"]
+        pixels = []
+        for url in urls:
+            with opener.open(url, timeout=self.timeout) as r:
+                image = Image.open(io.BytesIO(r.read())).convert("RGB")
+            pixels.append(encoder.preprocess(image))
+        import torch
+
+        return encoder.encode_images(torch.stack(pixels)).numpy()

@@ -134,9 +134,54 @@ def test_clip_retrieval_back_serves_the_database(db, tmp_path):
         assert results[0]["image_id"] == meta.image_id.iloc[7]
         assert results[0]["url"] == meta.url.iloc[7]
         assert results[0]["similarity"] == pytest.approx(1.0, abs=1e-3)
+        check_remote_database(base, out, tmp_path)
     finally:
         proc.terminate()
         proc.wait(timeout=30)
+
+
+def check_remote_database(base, out, tmp_path):
+    """The running back, added to a catalogue by the CLI, opens by name and answers like the local database."""
+    from pipelines.cli import main
+    from retrieval.catalogue import open_database
+    from retrieval.database import Database
+    from retrieval.remote import RemoteDatabase
+
+    cat = str(tmp_path / "catalogue.json")
+    info = json.loads((out / "database.json").read_text())
+    assert (
+        main(["catalogue", "add", "--catalogue", cat, "--name", "web", "--url", base]) == 2
+    )  # no --clip-model
+    args = [
+        "catalogue",
+        "add",
+        "--catalogue",
+        cat,
+        "--name",
+        "web",
+        "--url",
+        base,
+        "--clip-model",
+        info["clip_model"],
+    ]
+    assert main(args) == 0
+    remote = open_database("web", catalogue=cat, allow_network=("127.0.0.1/32",))
+    assert isinstance(remote, RemoteDatabase) and remote.indice_name == "db"
+    local = Database.open(str(out))
+    img, _, meta = load_db(out)
+    got, want = remote.search(img[[3, 11, 30]], k=5), local.search(img[[3, 11, 30]], k=5)
+    assert np.array_equal(got.ids, want.ids)
+    np.testing.assert_allclose(got.scores, want.scores, atol=1e-4)
+    assert list(remote.metadata(got.ids[0]).url) == list(local.metadata(want.ids[0]).url)
+    # neighbour embeddings of a search engine: the images are fetched (guarded) and embedded here
+    fetched = remote.embeddings(got.ids[0, :2])
+    assert (np.sum(fetched * local.embeddings(got.ids[0, :2]), axis=1) > 0.99).all()
+    with pytest.raises(ValueError, match="no aesthetic bands"):
+        remote.search(img[:1], k=1, band=0)
+    refusing = open_database("web", catalogue=cat)  # private addresses refused by default
+    refusing.search(img[:1], k=1)
+    with pytest.raises(ValueError, match="127.0.0.1"):
+        refusing.embeddings(refusing.search(img[:1], k=1).ids[0])
 
 
 def test_rerun_with_another_model_is_refused(db, shards):

@@ -1,0 +1,111 @@
+"""Neighbour tables on Ray: recall against exact faiss search, self and near-duplicates excluded, resume."""
+
+from __future__ import annotations
+
+import os
+
+import faiss
+import numpy as np
+import pytest
+
+from bench.synthetic import clustered_vectors, write_synthetic_db
+from pipelines.index import IndexConfig, build
+from pipelines.neighbours import NeighboursConfig, compute, read_table, select_neighbours
+from retrieval.database import Database
+
+NUM = 20_000
+K = 10
+
+
+@pytest.fixture(scope="module")
+def ivf_db(ray_session, tmp_path_factory):
+    """20k clustered 64-d vectors, 50 of them exact copies of others, under an approximate IVF index."""
+    emb = clustered_vectors(NUM, 64, num_clusters=50, seed=5)
+    emb[NUM - 50 :] = emb[:50]  # planted duplicates (different ids, identical embeddings)
+    path = str(tmp_path_factory.mktemp("neighbours") / "db")
+    ids = write_synthetic_db(path, emb, num_parts=4)
+    build(IndexConfig(db=path, index_key="IVF256,Flat", max_index_memory="1G", current_memory_available="4G"))
+    return path, emb, ids
+
+
+def exact_neighbours(emb: np.ndarray, ids: np.ndarray, k: int, threshold: float) -> np.ndarray:
+    index = faiss.IndexFlatIP(emb.shape[1])
+    index.add(emb)
+    scores, rows = index.search(emb, k + 60)
+    return select_neighbours(ids, ids[rows], scores, k, threshold)[0]
+
+
+def test_recall_against_exact_search_and_self_excluded(ivf_db, tmp_path):
+    path, emb, ids = ivf_db
+    out = str(tmp_path / "nb")
+    summary = compute(NeighboursConfig(db=path, output=out, k=K, search_params="nprobe=16"))
+    table = read_table(out)
+    assert summary["num_images"] == NUM and np.array_equal(table["image_id"], ids)
+    got = table["neighbour_ids"]
+    assert got.shape == (NUM, K)
+    assert not (got == ids[:, None]).any(), "an image is its own neighbour"
+    assert (table["neighbour_scores"][got >= 0] < 0.98).all(), "a near-duplicate was kept"
+    dup_ids = ids[NUM - 50 :]
+    assert not (got[:50] == dup_ids[:, None]).any()  # image i's planted copy is never its neighbour
+    assert not (got[NUM - 50 :] == ids[:50, None]).any()
+    exact = exact_neighbours(emb, ids, K, 0.98)
+    recall = np.mean([len(set(g) & set(e)) / K for g, e in zip(got, exact, strict=True)])
+    assert recall >= 0.95, f"recall@10 {recall:.3f}"
+    # scores are the true cosines of the neighbours, best first
+    db = Database.open(path)
+    i = 123
+    np.testing.assert_allclose(table["neighbour_scores"][i], db.embeddings(got[i]) @ emb[i], atol=1e-5)
+    assert (np.diff(table["neighbour_scores"][i]) <= 1e-6).all()
+
+
+def test_rerun_skips_finished_shards_and_refuses_other_settings(ivf_db, tmp_path):
+    path, _, _ = ivf_db
+    out = str(tmp_path / "nb")
+    config = NeighboursConfig(db=path, output=out, k=3)
+    compute(config)
+    os.remove(os.path.join(out, "neighbours_00002.parquet"))
+    mtime = os.path.getmtime(os.path.join(out, "neighbours_00000.parquet"))
+    again = compute(config)
+    assert (again["parts_written"], again["parts_skipped"]) == (1, 3)
+    assert os.path.getmtime(os.path.join(out, "neighbours_00000.parquet")) == mtime
+    assert len(read_table(out)["image_id"]) == NUM
+    with pytest.raises(ValueError, match="other settings"):
+        compute(NeighboursConfig(db=path, output=out, k=5))
+
+
+def test_inline_embeddings_and_band_source(ivf_db, tmp_path):
+    """Neighbour embeddings stored inline (float16) equal the database's; a band restricts the source."""
+    import json
+
+    path, emb, ids = ivf_db
+    out = str(tmp_path / "nb")
+    compute(NeighboursConfig(db=path, output=out, k=4, store_embeddings=True))
+    table = read_table(out)
+    assert table["neighbour_emb"].dtype == np.float16 and table["neighbour_emb"].shape == (NUM, 4, 64)
+    rows = np.array([0, 777, NUM - 1])
+    want = Database.open(path).embeddings(table["neighbour_ids"][rows].ravel()).reshape(3, 4, 64)
+    np.testing.assert_allclose(table["neighbour_emb"][rows], want, atol=1e-3)
+    # a hand-made band holding every other image: neighbours come from it only, and may be fewer than k
+    band_ids = ids[::2]
+    folder = os.path.join(path, "bands", "even")
+    os.makedirs(folder)
+    index = faiss.IndexFlatIP(64)
+    index.add(emb[::2])
+    faiss.write_index(index, os.path.join(folder, "image.index"))
+    np.save(os.path.join(folder, "ids.npy"), band_ids)
+    with open(os.path.join(path, "bands", "bands.json"), "w") as f:
+        json.dump(
+            {"head": "x", "bands": [{"name": "even", "lower": 0, "upper": 1, "count": len(band_ids)}]}, f
+        )
+    summary = compute(NeighboursConfig(db=path, index="even", k=K))
+    table = read_table(os.path.join(path, "neighbours_even"))
+    assert np.isin(table["neighbour_ids"], band_ids).all()
+    assert summary["num_short"] == 0
+    assert not (table["neighbour_ids"] == ids[:, None]).any()
+
+
+def test_select_neighbours_pads_when_too_few_remain():
+    ids = np.array([[5, 1, 2, -1]])
+    scores = np.array([[1.0, 0.99, 0.5, -np.inf]], np.float32)
+    got, sc, found = select_neighbours(np.array([5]), ids, scores, 3, 0.98)
+    assert got.tolist() == [[2, -1, -1]] and found.tolist() == [1] and np.isnan(sc[0, 1:]).all()

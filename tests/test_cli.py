@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 
+import numpy as np
 import pytest
 
 from pipelines.cli import build_parser, config_from_args, main
@@ -14,9 +15,19 @@ def subparsers(parser: argparse.ArgumentParser) -> dict[str, argparse.ArgumentPa
     return dict(action.choices)
 
 
+def all_subcommands(parser: argparse.ArgumentParser, prefix: str = "") -> dict[str, argparse.ArgumentParser]:
+    found = {}
+    for name, sub in subparsers(parser).items():
+        found[prefix + name] = sub
+        if any(isinstance(a, argparse._SubParsersAction) for a in sub._actions):
+            found.update(all_subcommands(sub, prefix + name + " "))
+    return found
+
+
 def test_every_flag_has_help():
-    subs = subparsers(build_parser())
-    assert {"download", "embed", "index", "serve", "demo"} <= set(subs)
+    subs = all_subcommands(build_parser())
+    assert {"download", "embed", "index", "serve", "demo", "neighbours", "catalogue"} <= set(subs)
+    assert {"aesthetic score", "aesthetic fit", "aesthetic subindex"} <= set(subs)
     for name, sub in subs.items():
         for action in sub._actions:
             if action.option_strings and action.dest != "help":
@@ -63,3 +74,20 @@ def test_help_runs(capsys):
         main(["index", "--help"])
     assert exit_info.value.code == 0
     assert "--max-index-memory" in capsys.readouterr().out
+
+
+def test_aesthetic_and_neighbour_errors_name_the_flag(tmp_path, capsys):
+    from bench.synthetic import write_synthetic_db
+
+    db = str(tmp_path / "db")
+    write_synthetic_db(
+        db, np.eye(4, 384, dtype=np.float32), num_parts=1, clip_model="open_clip:ViT-S-32//x.pt"
+    )
+    assert main(["aesthetic", "score", "--db", db, "--head", "laion-v1"]) == 2
+    assert "no laion-v1 head for ViT-S-32" in capsys.readouterr().err
+    assert main(["aesthetic", "subindex", "--db", db, "--quantile-bins", "5", "--bands", "0-1"]) == 2
+    assert "--quantile-bins" in capsys.readouterr().err
+    assert main(["neighbours", "--db", db, "--k", "0"]) == 2
+    assert "--k" in capsys.readouterr().err
+    assert main(["neighbours", "--db", db]) == 2  # no index built yet
+    assert "knn-diffusion index" in capsys.readouterr().err

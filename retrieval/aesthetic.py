@@ -160,8 +160,16 @@ def head_for(head: str, clip_model: str) -> str:
     return head
 
 
-def fetch_published(name: str, head_dir: str | None = None) -> str:
-    """Local path of a published head: from head_dir / $KNN_DIFFUSION_AESTHETIC_DIR, else the cache (fetched once)."""
+def fetch_published(
+    name: str,
+    head_dir: str | None = None,
+    cache: str | None = None,
+    url: str | None = None,
+    allow_network: tuple[str, ...] = (),
+) -> str:
+    """Local path of a published head: from head_dir / $KNN_DIFFUSION_AESTHETIC_DIR, else the cache, where it
+    is fetched once (public addresses only, unless allow_network; size-capped; sha256-checked before caching).
+    url overrides the public home (a mirror)."""
     spec = PUBLISHED[name]
     folder = head_dir or os.environ.get(HEAD_DIR_ENV)
     if folder:
@@ -171,17 +179,20 @@ def fetch_published(name: str, head_dir: str | None = None) -> str:
                 f"{path} does not exist (--head-dir / ${HEAD_DIR_ENV} = {folder}); download {spec.url} there"
             )
         return _verified(path, spec)
-    path = os.path.join(DEFAULT_CACHE, spec.file)
+    path = os.path.join(cache or DEFAULT_CACHE, spec.file)
     if not os.path.exists(path):
         import fsspec
 
         from pipelines.atomic import atomic_write_bytes
         from pipelines.safe_fetch import FetchPolicy, guarded_opener
 
-        with guarded_opener(FetchPolicy(max_bytes=MAX_HEAD_BYTES)).open(spec.url, timeout=60) as r:
+        policy = FetchPolicy(max_bytes=MAX_HEAD_BYTES, allowed_networks=allow_network)
+        with guarded_opener(policy).open(url or spec.url, timeout=60) as r:
             data = r.read()
         if hashlib.sha256(data).hexdigest() != spec.sha256:
-            raise ValueError(f"{spec.url} does not have the published sha256 {spec.sha256}; not cached")
+            raise ValueError(
+                f"{url or spec.url} does not have the published sha256 {spec.sha256}; not cached"
+            )
         atomic_write_bytes(fsspec.filesystem("file"), path, data)
     return _verified(path, spec)
 

@@ -233,3 +233,32 @@ def test_band_flags_are_checked():
         parse_bands("0-4.5,high")
     with pytest.raises(ValueError, match="below"):
         parse_bands("5-4")
+
+
+@needs_shared
+def test_published_head_is_fetched_once_into_the_cache(tmp_path):
+    """The real download path, against a local mirror: checked, cached, then served from the cache."""
+    from pipelines.demo_data import FolderServer
+    from retrieval.aesthetic import fetch_published
+
+    mirror = tmp_path / "mirror"
+    mirror.mkdir()
+    shutil.copy(os.path.join(SHARED, "sa_0_4_vit_b_32_linear.pth"), mirror / "good.pth")
+    (mirror / "bad.pth").write_bytes(b"not the published weights")
+    cache = str(tmp_path / "cache")
+    with FolderServer(str(mirror)) as server:
+        with pytest.raises(ValueError, match="127.0.0.1"):  # a private address is refused by default
+            fetch_published("laion-v1:ViT-B-32", cache=cache, url=f"{server.base}/good.pth")
+        with pytest.raises(ValueError, match="sha256"):
+            fetch_published(
+                "laion-v1:ViT-B-32",
+                cache=cache,
+                url=f"{server.base}/bad.pth",
+                allow_network=("127.0.0.1/32",),
+            )
+        assert not os.path.exists(cache) or not os.listdir(cache)
+        path = fetch_published(
+            "laion-v1:ViT-B-32", cache=cache, url=f"{server.base}/good.pth", allow_network=("127.0.0.1/32",)
+        )
+    assert path == os.path.join(cache, "sa_0_4_vit_b_32_linear.pth")
+    assert fetch_published("laion-v1:ViT-B-32", cache=cache) == path  # server gone: the cache answers

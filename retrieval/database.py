@@ -75,6 +75,8 @@ class Database:
         self.info = info
         self.dim = int(info["dim"])
         self.mmap = True
+        self.part_names: list[str] = []
+        self.part_ends = np.zeros(0, np.int64)
         self._band_indexes: dict[str, tuple[faiss.Index | None, np.ndarray]] = {}
 
     @classmethod
@@ -94,7 +96,8 @@ class Database:
             info = json.load(f)
         index = read_index(index_path, mmap)
         parts = sorted(glob.glob(os.path.join(path, "metadata", "*.parquet")))
-        ids = np.concatenate([pq.read_table(p, columns=["image_id"])["image_id"].to_numpy() for p in parts])
+        part_ids = [pq.read_table(p, columns=["image_id"])["image_id"].to_numpy() for p in parts]
+        ids = np.concatenate(part_ids)
         if len(ids) != index.ntotal:
             raise ValueError(
                 f"{path}: the index holds {index.ntotal} vectors but the metadata {len(ids)} rows; "
@@ -102,6 +105,8 @@ class Database:
             )
         db = cls(path, index, ids.astype(np.int64), info)
         db.mmap = mmap
+        db.part_names = [os.path.basename(p)[len("metadata_") : -len(".parquet")] for p in parts]
+        db.part_ends = np.cumsum([len(x) for x in part_ids])
         return db
 
     def __len__(self) -> int:
@@ -210,6 +215,36 @@ class Database:
     def _metadata(self) -> pd.DataFrame:
         parts = sorted(glob.glob(os.path.join(self.path, "metadata", "*.parquet")))
         return pd.concat([pd.read_parquet(p) for p in parts], ignore_index=True)
+
+    def images(self, image_ids: np.ndarray) -> dict[int, bytes]:
+        """The encoded images (as downloaded into the shards) of the given ids, read from the shards' tars."""
+        import tarfile
+
+        import fsspec
+
+        shards = self.info.get("shards")
+        if not shards:
+            raise FileNotFoundError(
+                f"{self.path}/database.json records no shards, so its images cannot be shown"
+            )
+        image_ids = np.asarray(image_ids, dtype=np.int64)
+        rows = self.rows_of(image_ids)
+        keys = self._metadata["key"].to_numpy()
+        wanted: dict[str, dict[str, int]] = {}
+        for image_id, row in zip(image_ids, rows, strict=True):
+            part = self.part_names[int(np.searchsorted(self.part_ends, row, side="right"))]
+            wanted.setdefault(part, {})[str(keys[row])] = int(image_id)
+        found: dict[int, bytes] = {}
+        for part, by_key in wanted.items():
+            with (
+                fsspec.open(f"{shards.rstrip('/')}/{part}.tar", "rb") as f,
+                tarfile.open(fileobj=f, mode="r|") as tar,
+            ):
+                for member in tar:
+                    key, _, ext = member.name.rpartition("/")[2].partition(".")
+                    if key in by_key and ext in ("jpg", "jpeg", "png", "webp"):
+                        found[by_key[key]] = tar.extractfile(member).read()  # type: ignore[union-attr]
+        return found
 
     def metadata(self, image_ids: np.ndarray) -> pd.DataFrame:
         """Metadata rows (url, caption, ...) of the given ids, in the given order."""

@@ -1,0 +1,132 @@
+"""Training data: image shards + database embeddings + neighbour tables -> a streaming Ray Dataset of
+rows {image uint8 [H, W, 3], query float32 [D], neighbours float16 [k, D], valid bool [k], image_id int64}.
+
+Shard N, embedding part N and neighbour table N hold the same images (the pipelines keep them aligned by
+part), so the join is done part by part inside a Ray Data task: nothing is materialised whole. The query
+is the training image's own CLIP image embedding; the neighbours come from the table (self excluded),
+inline when it stores them, else looked up in the database's memory-mapped embeddings.
+"""
+
+from __future__ import annotations
+
+import functools
+import io
+import json
+import os
+import tarfile
+from typing import Any
+
+import fsspec
+import numpy as np
+import pyarrow.parquet as pq
+
+from diffusion.config import TrainConfig
+
+
+def part_items(config: TrainConfig) -> list[dict[str, str]]:
+    """One work item per database part, with the paths of its shard, embeddings, metadata and neighbours."""
+    info_path = os.path.join(config.db, "database.json")
+    if not os.path.exists(info_path):
+        raise FileNotFoundError(f"--db {config.db} has no database.json; run `knn-diffusion embed` first")
+    with open(info_path) as f:
+        info = json.load(f)
+    shards = config.shards or info.get("shards")
+    if not shards:
+        raise ValueError(f"--db {config.db} does not record its shards; pass --shards")
+    emb_dir = os.path.join(config.db, "img_emb")
+    parts = sorted(f[len("img_emb_") : -len(".npy")] for f in os.listdir(emb_dir) if f.endswith(".npy"))
+    items = []
+    for part in parts:
+        item = {
+            "tar": f"{shards.rstrip('/')}/{part}.tar",
+            "emb": os.path.join(emb_dir, f"img_emb_{part}.npy"),
+            "meta": os.path.join(config.db, "metadata", f"metadata_{part}.parquet"),
+            "neighbours": os.path.join(config.neighbours, f"neighbours_{part}.parquet"),
+        }
+        for name, path in item.items():
+            fs, p = fsspec.core.url_to_fs(path)
+            if not fs.exists(p):
+                hint = "run `knn-diffusion neighbours`" if name == "neighbours" else "check --shards / --db"
+                raise FileNotFoundError(f"{path} is missing (part {part}): {hint}")
+        items.append(item)
+    if not items:
+        raise FileNotFoundError(f"--db {config.db} has no embedding parts")
+    return items
+
+
+@functools.lru_cache(maxsize=2)
+def _database(db: str) -> Any:
+    from retrieval.database import Database
+
+    return Database.open(db)
+
+
+def _decode(data: bytes, size: int) -> np.ndarray:
+    from PIL import Image
+
+    image = Image.open(io.BytesIO(data)).convert("RGB")
+    w, h = image.size
+    s = min(w, h)  # centre crop to a square, then resize
+    image = image.crop(((w - s) // 2, (h - s) // 2, (w - s) // 2 + s, (h - s) // 2 + s))
+    return np.asarray(image.resize((size, size), Image.BICUBIC), dtype=np.uint8)
+
+
+def load_part(batch: dict[str, np.ndarray], db: str, image_size: int, k: int) -> dict[str, np.ndarray]:
+    """Ray Data map_batches function (batch of one work item) -> the part's training rows."""
+    from pipelines.neighbours import read_table
+
+    item = {key: str(batch[key][0]) for key in ("tar", "emb", "meta", "neighbours")}
+    images: dict[int, bytes] = {}
+    with fsspec.open(item["tar"], "rb") as f, tarfile.open(fileobj=f, mode="r|") as tar:
+        for member in tar:
+            name = member.name
+            if member.isfile() and name.endswith((".jpg", ".jpeg", ".png", ".webp")):
+                images[int(name.rsplit("/", 1)[-1].split(".")[0])] = tar.extractfile(member).read()  # type: ignore[union-attr]
+    ids = pq.read_table(item["meta"], columns=["image_id"])["image_id"].to_numpy()
+    emb = np.load(item["emb"])
+    table = read_table(item["neighbours"])
+    if not np.array_equal(table["image_id"], ids):
+        raise ValueError(
+            f"{item['neighbours']} is not row for row with {item['meta']}; recompute the neighbours"
+        )
+    nb_ids = table["neighbour_ids"]
+    if nb_ids.shape[1] < k:
+        raise ValueError(
+            f"{item['neighbours']} holds {nb_ids.shape[1]} neighbours per image; the model needs k={k}"
+        )
+    nb_ids = nb_ids[:, :k]
+    valid = nb_ids >= 0
+    if "neighbour_emb" in table:
+        nb_emb = table["neighbour_emb"][:, :k]
+    else:
+        nb_emb = np.zeros((len(ids), k, emb.shape[1]), np.float16)
+        if valid.any():
+            nb_emb[valid] = _database(db).embeddings(nb_ids[valid]).astype(np.float16)
+    missing = [int(i) for i in ids if int(i) not in images]
+    if missing:
+        raise ValueError(f"{item['tar']} lacks images {missing[:5]} that the database lists; re-run embed")
+    return {
+        "image": np.stack([_decode(images[int(i)], image_size) for i in ids]),
+        "query": emb.astype(np.float32),
+        "neighbours": nb_emb.astype(np.float16),
+        "valid": valid,
+        "image_id": ids.astype(np.int64),
+    }
+
+
+def make_dataset(config: TrainConfig) -> Any:
+    """The streaming training dataset (one Ray Data task per part; rows as load_part describes)."""
+    import ray
+
+    items = part_items(config)
+    ds = ray.data.from_items(items)
+    return ds.map_batches(
+        load_part,
+        batch_size=1,
+        fn_kwargs={
+            "db": os.path.abspath(config.db),
+            "image_size": config.model.image_size,
+            "k": config.model.k,
+        },
+        num_cpus=0.5,
+    )

@@ -1,0 +1,198 @@
+"""Sampling: a checkpoint + prompts + any database (or aesthetic band) -> grid.png, neighbours.png, samples.json.
+
+The condition at inference (Sheynin et al. 2023, sec. 3.2) is the CLIP text embedding of the prompt plus
+the CLIP image embeddings of its k nearest images in the chosen database. The database is a choice made
+here, not at training time: swapping it (or its band) changes what the samples look like.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import io
+import json
+import os
+import time
+from typing import Any
+
+import numpy as np
+import torch
+
+from diffusion.config import TrainConfig
+
+
+@dataclasses.dataclass
+class SampleConfig:
+    """checkpoint: a run folder (latest checkpoint used) or a state.pt. database: folder or catalogue name.
+    prompts: the prompts; prompt_file: one prompt per line (added to prompts).
+    """
+
+    checkpoint: str
+    database: str
+    output: str
+    prompts: list[str] | None = None
+    prompt_file: str | None = None
+    band: str | None = None
+    catalogue: str | None = None
+    guidance: float = 3.0
+    steps: int = 50
+    sampler: str = "ddim"
+    seed: int = 0
+    num_per_prompt: int = 4
+    use_ema: bool = True
+
+    def __post_init__(self) -> None:
+        from diffusion.samplers import SAMPLERS
+
+        if self.sampler not in SAMPLERS:
+            raise ValueError(f"--sampler must be one of {sorted(SAMPLERS)}, got {self.sampler!r}")
+        if self.num_per_prompt < 1:
+            raise ValueError(f"--num-per-prompt must be >= 1, got {self.num_per_prompt}")
+
+    def all_prompts(self) -> list[str]:
+        prompts = list(self.prompts or [])
+        if self.prompt_file:
+            if not os.path.exists(self.prompt_file):
+                raise FileNotFoundError(f"--prompt-file {self.prompt_file} does not exist")
+            with open(self.prompt_file) as f:
+                prompts += [line.strip() for line in f if line.strip()]
+        if not prompts:
+            raise ValueError("no prompts: pass --prompts or --prompt-file")
+        return prompts
+
+
+def load_model(checkpoint: str, use_ema: bool = True) -> tuple[torch.nn.Module, TrainConfig, int]:
+    """(model in eval mode, its training config, its step) from a run folder or state.pt (weights_only)."""
+    from diffusion.model import KnnDenoiser
+    from diffusion.train import latest_checkpoint
+
+    path = latest_checkpoint(checkpoint)
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    config = TrainConfig.from_dict(json.loads(state["config"]))
+    model = KnnDenoiser(config.model)
+    model.load_state_dict(state["ema" if use_ema else "model"])
+    return model.eval(), config, int(state["step"])
+
+
+def to_uint8(x: torch.Tensor) -> np.ndarray:
+    """[B, C, H, W] in [-1, 1] -> [B, H, W, C] uint8."""
+    return ((x.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+
+
+def grid(images: list[np.ndarray], cols: int, pad: int = 2) -> np.ndarray:
+    """Tile equally sized [H, W, 3] uint8 images row-major into one image."""
+    h, w = images[0].shape[:2]
+    rows = (len(images) + cols - 1) // cols
+    out = np.full((rows * (h + pad) + pad, cols * (w + pad) + pad, 3), 255, np.uint8)
+    for i, img in enumerate(images):
+        r, c = divmod(i, cols)
+        out[pad + r * (h + pad) : pad + r * (h + pad) + h, pad + c * (w + pad) : pad + c * (w + pad) + w] = (
+            img
+        )
+    return out
+
+
+def _save_png(array: np.ndarray, path: str) -> None:
+    from PIL import Image
+
+    tmp = f"{path}.tmp-{os.getpid()}.png"
+    Image.fromarray(array).save(tmp)
+    os.replace(tmp, path)
+
+
+def sample(config: SampleConfig) -> dict[str, Any]:
+    """Generate num_per_prompt images per prompt; write grid.png (a row per prompt), neighbours.png (the
+    retrieved images, a row per prompt, when the database has them) and samples.json."""
+    from diffusion.samplers import SAMPLERS
+    from diffusion.schedule import cosine_alphas_cumprod, sampling_timesteps
+    from retrieval.catalogue import open_database
+    from retrieval.clip_model import cached_encoder
+
+    start = time.time()
+    prompts = config.all_prompts()
+    model, train_config, step = load_model(config.checkpoint, config.use_ema)
+    mc = train_config.model
+    db = open_database(config.database, catalogue=config.catalogue)
+    query = cached_encoder(db.info["clip_model"]).encode_texts(prompts).numpy()
+    if query.shape[1] != mc.cond_dim:
+        raise ValueError(
+            f"the database {config.database} embeds with {db.info['clip_model']} ({query.shape[1]}-d) but the model "
+            f"was trained on {mc.cond_dim}-d embeddings; use a database embedded with the training CLIP"
+        )
+    cond: dict[str, torch.Tensor] = {"query": torch.from_numpy(query)}
+    found = None
+    if mc.use_knn:
+        found = db.search(query, mc.k, band=config.band)
+        valid = found.ids >= 0
+        nb = np.zeros((len(prompts), mc.k, mc.cond_dim), np.float32)
+        if valid.any():
+            nb[valid] = db.embeddings(found.ids[valid])
+        cond.update(neighbours=torch.from_numpy(nb), valid=torch.from_numpy(valid))
+    n = config.num_per_prompt
+    cond = {k: v.repeat_interleave(n, dim=0) for k, v in cond.items()}
+    gen = torch.Generator().manual_seed(config.seed)
+    x = torch.randn((len(prompts) * n, mc.channels, mc.image_size, mc.image_size), generator=gen)
+    abar = cosine_alphas_cumprod(train_config.num_timesteps)
+    timesteps = sampling_timesteps(train_config.num_timesteps, config.steps)
+    with torch.inference_mode():
+        out = SAMPLERS[config.sampler](model, x, timesteps, cond, config.guidance, abar, generator=gen)
+    images = to_uint8(out)
+    os.makedirs(config.output, exist_ok=True)
+    _save_png(grid(list(images), cols=n), os.path.join(config.output, "grid.png"))
+    record: dict[str, Any] = {
+        "checkpoint_step": step,
+        "database": config.database,
+        "band": config.band,
+        "sampler": config.sampler,
+        "steps": config.steps,
+        "guidance": config.guidance,
+        "seed": config.seed,
+        "num_per_prompt": n,
+        "prompts": [],
+    }
+    thumbs: list[np.ndarray] = []
+    for i, prompt in enumerate(prompts):
+        entry: dict[str, Any] = {"prompt": prompt, "grid_row": i}
+        if found is not None:
+            ids = [int(v) for v in found.ids[i] if v >= 0]
+            entry["neighbour_ids"] = ids
+            entry["neighbour_scores"] = [
+                float(s) for s, v in zip(found.scores[i], found.ids[i], strict=True) if v >= 0
+            ]
+            with contextlib.suppress(KeyError):  # a remote database knows only what its searches returned
+                entry["neighbour_captions"] = [str(c) for c in db.metadata(np.array(ids)).get("caption", [])]
+            thumbs.extend(_thumbnails(db, found.ids[i], mc.image_size))
+        record["prompts"].append(entry)
+    if thumbs and any(t.any() for t in thumbs):
+        _save_png(grid(thumbs, cols=mc.k), os.path.join(config.output, "neighbours.png"))
+        record["neighbours_png"] = "neighbours.png"
+    path = os.path.join(config.output, "samples.json")
+    with open(path + ".tmp", "w") as f:
+        json.dump(record, f, indent=2)
+    os.replace(path + ".tmp", path)
+    print(
+        f"sample: {len(images)} images for {len(prompts)} prompts ({config.sampler}, {len(timesteps)} steps, "
+        f"guidance {config.guidance}, database {config.database}{'' if config.band is None else ' band ' + str(config.band)}) "
+        f"in {time.time() - start:.1f}s -> {config.output}/grid.png",
+        flush=True,
+    )
+    return record
+
+
+def _thumbnails(db: Any, ids: np.ndarray, size: int) -> list[np.ndarray]:
+    """[size, size, 3] uint8 per id: the database's image when it has it, else blank."""
+    from PIL import Image
+
+    blank = np.full((size, size, 3), 255, np.uint8)
+    try:
+        found = db.images(ids[ids >= 0])
+    except (AttributeError, FileNotFoundError, KeyError):
+        return [blank for _ in ids]
+    out = []
+    for i in ids:
+        if int(i) in found:
+            img = Image.open(io.BytesIO(found[int(i)])).convert("RGB").resize((size, size))
+            out.append(np.asarray(img, dtype=np.uint8))
+        else:
+            out.append(blank)
+    return out

@@ -1,0 +1,161 @@
+"""Samplers: noise x_T [B, C, H, W] + condition -> images x_0, with classifier-free guidance.
+
+All share one signature: sample_*(model, x, timesteps, cond, guidance, alphas_cumprod, generator=None,
+callback=None), where model(x, t, drop=..., **cond) predicts the noise, timesteps run from high to low
+(schedule.sampling_timesteps), and guidance is the classifier-free guidance scale w (Ho & Salimans 2022,
+eq. 6): eps = eps_uncond + w (eps_cond - eps_uncond); w = 1 is the conditional model, w = 0 the
+unconditional one. The predicted x0 is clipped to [-1, 1] (pixel range) unless clip_x0=False.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import torch
+
+Callback = Callable[[int, torch.Tensor, torch.Tensor], None]  # (timestep, x_t, predicted x0)
+
+
+def guided_eps(
+    model: Callable[..., torch.Tensor],
+    x: torch.Tensor,
+    t: int,
+    cond: dict[str, torch.Tensor],
+    guidance: float,
+) -> torch.Tensor:
+    """eps_uncond + guidance * (eps_cond - eps_uncond), both halves in one batch of 2B."""
+    b = x.shape[0]
+    tt = torch.full((2 * b,), t, device=x.device, dtype=torch.long)
+    drop = torch.cat([torch.zeros(b, dtype=torch.bool), torch.ones(b, dtype=torch.bool)]).to(x.device)
+    doubled = {k: torch.cat([v, v]) for k, v in cond.items()}
+    eps_c, eps_u = model(torch.cat([x, x]), tt, drop=drop, **doubled).float().chunk(2)
+    return eps_u + guidance * (eps_c - eps_u)
+
+
+def _abar(alphas_cumprod: torch.Tensor, t: int) -> torch.Tensor:
+    return alphas_cumprod[t] if t >= 0 else torch.ones((), dtype=alphas_cumprod.dtype)
+
+
+def _x0_and_eps(
+    x: torch.Tensor, eps: torch.Tensor, abar: torch.Tensor, clip: bool
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """x0 = (x - sqrt(1 - abar) eps) / sqrt(abar); when clipped, eps is re-derived so the two stay consistent."""
+    x0 = (x - (1 - abar).sqrt() * eps) / abar.sqrt()
+    if clip:
+        x0 = x0.clamp(-1, 1)
+        eps = (x - abar.sqrt() * x0) / (1 - abar).sqrt()
+    return x0, eps
+
+
+def _noise(x: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+    return torch.randn(x.shape, generator=generator, dtype=torch.float32).to(x.device)
+
+
+@torch.no_grad()
+def sample_ddim(
+    model: Callable[..., torch.Tensor],
+    x: torch.Tensor,
+    timesteps: Sequence[int],
+    cond: dict[str, torch.Tensor],
+    guidance: float,
+    alphas_cumprod: torch.Tensor,
+    generator: torch.Generator | None = None,
+    callback: Callback | None = None,
+    eta: float = 0.0,
+    clip_x0: bool = True,
+) -> torch.Tensor:
+    """DDIM (Song et al. 2021, eq. 12): x_prev = sqrt(abar_prev) x0 + sqrt(1 - abar_prev - s^2) eps + s z,
+    s = eta sqrt((1 - abar_prev) / (1 - abar_t)) sqrt(1 - abar_t / abar_prev). eta=0 is deterministic; eta=1
+    over all timesteps is DDPM's ancestral sampler."""
+    x = x.float()
+    abars = alphas_cumprod.double()
+    steps = list(timesteps)
+    for i, t in enumerate(steps):
+        prev = steps[i + 1] if i + 1 < len(steps) else -1
+        a, a_prev = _abar(abars, t), _abar(abars, prev)
+        x0, eps = _x0_and_eps(x.double(), guided_eps(model, x, t, cond, guidance).double(), a, clip_x0)
+        sigma = eta * ((1 - a_prev) / (1 - a)).sqrt() * (1 - a / a_prev).sqrt()
+        x_prev = a_prev.sqrt() * x0 + (1 - a_prev - sigma**2).clamp(min=0).sqrt() * eps
+        if prev >= 0 and eta > 0:
+            x_prev = x_prev + sigma * _noise(x, generator).double()
+        x = x_prev.float()
+        if callback is not None:
+            callback(t, x, x0.float())
+    return x
+
+
+@torch.no_grad()
+def sample_ddpm(
+    model: Callable[..., torch.Tensor],
+    x: torch.Tensor,
+    timesteps: Sequence[int],
+    cond: dict[str, torch.Tensor],
+    guidance: float,
+    alphas_cumprod: torch.Tensor,
+    generator: torch.Generator | None = None,
+    callback: Callback | None = None,
+    clip_x0: bool = True,
+) -> torch.Tensor:
+    """Ancestral sampling from the posterior q(x_prev | x_t, x0) (Ho et al. 2020, eqs. 6-7): mean
+    [sqrt(abar_prev) beta / (1 - abar_t)] x0 + [sqrt(alpha) (1 - abar_prev) / (1 - abar_t)] x_t, variance
+    beta (1 - abar_prev) / (1 - abar_t), with alpha = abar_t / abar_prev and beta = 1 - alpha (this also
+    covers strided timesteps)."""
+    x = x.float()
+    abars = alphas_cumprod.double()
+    steps = list(timesteps)
+    for i, t in enumerate(steps):
+        prev = steps[i + 1] if i + 1 < len(steps) else -1
+        a, a_prev = _abar(abars, t), _abar(abars, prev)
+        alpha = a / a_prev
+        beta = 1 - alpha
+        x0, _ = _x0_and_eps(x.double(), guided_eps(model, x, t, cond, guidance).double(), a, clip_x0)
+        mean = (a_prev.sqrt() * beta / (1 - a)) * x0 + (alpha.sqrt() * (1 - a_prev) / (1 - a)) * x.double()
+        if prev >= 0:
+            mean = mean + (beta * (1 - a_prev) / (1 - a)).sqrt() * _noise(x, generator).double()
+        x = mean.float()
+        if callback is not None:
+            callback(t, x, x0.float())
+    return x
+
+
+@torch.no_grad()
+def sample_dpmpp_2m(
+    model: Callable[..., torch.Tensor],
+    x: torch.Tensor,
+    timesteps: Sequence[int],
+    cond: dict[str, torch.Tensor],
+    guidance: float,
+    alphas_cumprod: torch.Tensor,
+    generator: torch.Generator | None = None,
+    callback: Callback | None = None,
+    clip_x0: bool = True,
+) -> torch.Tensor:
+    """DPM-Solver++(2M) (Lu et al. 2022, "DPM-Solver++", Algorithm 2), data prediction, multistep second
+    order with lambda = log(alpha / sigma); first order on the first step. Deterministic."""
+    x = x.double()
+    abars = alphas_cumprod.double()
+    steps = list(timesteps)
+    x0_prev, h_prev = None, None
+    for i, t in enumerate(steps):
+        prev = steps[i + 1] if i + 1 < len(steps) else -1
+        a, a_next = _abar(abars, t), _abar(abars, prev)
+        x0, _ = _x0_and_eps(x, guided_eps(model, x.float(), t, cond, guidance).double(), a, clip_x0)
+        if prev < 0:  # into abar = 1 (lambda = inf): the update reduces to the data prediction itself
+            x = x0
+        else:
+            lam, lam_next = 0.5 * torch.log(a / (1 - a)), 0.5 * torch.log(a_next / (1 - a_next))
+            h = lam_next - lam
+            d = x0
+            if x0_prev is not None and h_prev is not None:
+                r = h_prev / h
+                d = (1 + 1 / (2 * r)) * x0 - (1 / (2 * r)) * x0_prev
+            sigma, sigma_next = (1 - a).sqrt(), (1 - a_next).sqrt()
+            x = (sigma_next / sigma) * x - a_next.sqrt() * torch.expm1(-h) * d
+            h_prev = h
+        x0_prev = x0
+        if callback is not None:
+            callback(t, x.float(), x0.float())
+    return x.float()
+
+
+SAMPLERS = {"ddpm": sample_ddpm, "ddim": sample_ddim, "dpmpp_2m": sample_dpmpp_2m}

@@ -1,0 +1,47 @@
+"""Noise schedules and the forward process: timesteps [B] (ints in [0, T)) -> noise levels; x0 -> x_t.
+
+Discrete-time Gaussian diffusion (Ho et al. 2020, "DDPM"): x_t = sqrt(abar_t) x0 + sqrt(1 - abar_t) eps
+(eq. 4), with abar_t = prod_{s<=t} (1 - beta_s). Nothing here knows the network.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+
+def cosine_alphas_cumprod(num_timesteps: int, s: float = 0.008) -> torch.Tensor:
+    """abar [T] float64 of the cosine schedule (Nichol & Dhariwal 2021, eq. 17; betas clipped at 0.999)."""
+    steps = torch.arange(num_timesteps + 1, dtype=torch.float64) / num_timesteps
+    f = torch.cos((steps + s) / (1 + s) * math.pi / 2) ** 2
+    betas = (1 - f[1:] / f[:-1]).clamp(max=0.999)
+    return torch.cumprod(1 - betas, dim=0)
+
+
+def linear_alphas_cumprod(
+    num_timesteps: int, beta_start: float = 1e-4, beta_end: float = 0.02
+) -> torch.Tensor:
+    """abar [T] float64 of DDPM's linear beta schedule (Ho et al. 2020, sec. 4), rescaled to T steps."""
+    scale = 1000 / num_timesteps
+    betas = torch.linspace(beta_start * scale, beta_end * scale, num_timesteps, dtype=torch.float64)
+    return torch.cumprod(1 - betas, dim=0)
+
+
+SCHEDULES = {"cosine": cosine_alphas_cumprod, "linear": linear_alphas_cumprod}
+
+
+def q_sample(
+    x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor, alphas_cumprod: torch.Tensor
+) -> torch.Tensor:
+    """x_t [B, ...] = sqrt(abar_t) x0 + sqrt(1 - abar_t) noise (Ho et al. 2020, eq. 4)."""
+    abar = alphas_cumprod.to(x0.device)[t].to(x0.dtype).view(-1, *([1] * (x0.dim() - 1)))
+    return abar.sqrt() * x0 + (1 - abar).sqrt() * noise
+
+
+def sampling_timesteps(num_timesteps: int, steps: int) -> list[int]:
+    """`steps` timesteps evenly spaced from T-1 down to 0 (all T when steps >= T)."""
+    if steps < 1:
+        raise ValueError(f"--steps must be >= 1, got {steps}")
+    steps = min(steps, num_timesteps)
+    return sorted({round(x) for x in torch.linspace(num_timesteps - 1, 0, steps).tolist()}, reverse=True)

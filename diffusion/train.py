@@ -1,0 +1,306 @@
+"""Training on Ray Train: image shards + neighbour tables -> checkpoints (model, EMA, optimizer, step, config),
+metrics.csv and loss.png in the run folder.
+
+TorchTrainer runs `train_loop_per_worker` on each worker under DDP (gloo on CPU, nccl on GPU); data is
+streamed to the workers by Ray Data (diffusion.data). Rerunning the same command (same --output) resumes
+from the latest checkpoint (Ray Train restores a run by its storage path and name); a failed worker is
+replaced and training resumes from the last checkpoint (FailureConfig).
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import logging
+import os
+import tempfile
+import time
+from contextlib import nullcontext
+from typing import Any
+
+import torch
+
+from diffusion.config import TrainConfig
+
+log = logging.getLogger(__name__)
+STATE_FILE = "state.pt"
+METRIC_FIELDS = ("step", "loss", "samples_per_s", "data_wait_fraction", "lr", "time")
+
+
+def autocast_dtype(device: torch.device, precision: str) -> torch.dtype | None:
+    """bf16 autocast where the hardware computes it fast (CUDA with bf16, CPUs with AMX), else none."""
+    from retrieval.clip_model import cpu_flags
+
+    if precision == "fp32":
+        return None
+    if precision == "bf16":
+        return torch.bfloat16
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else None
+    return torch.bfloat16 if "amx_bf16" in cpu_flags() else None
+
+
+def condition_of(batch: dict[str, torch.Tensor], use_knn: bool) -> dict[str, torch.Tensor]:
+    cond = {"query": batch["query"].float()}
+    if use_knn:
+        cond["neighbours"] = batch["neighbours"].float()
+        cond["valid"] = batch["valid"].bool()
+    return cond
+
+
+def train_loop_per_worker(cfg: dict[str, Any]) -> None:
+    """One worker's loop (also runs alone with one CPU worker)."""
+    import ray.train
+    import ray.train.torch
+    from timm.utils import ModelEmaV3
+
+    from diffusion.loss import diffusion_loss
+    from diffusion.model import KnnDenoiser
+    from diffusion.schedule import cosine_alphas_cumprod
+
+    config = TrainConfig.from_dict(cfg)
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    device = ray.train.torch.get_device()
+    torch.manual_seed(config.seed)
+    model = KnnDenoiser(config.model)
+    ema = ModelEmaV3(model, decay=config.ema_decay)
+    opt = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+    step = 0
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint:
+        with checkpoint.as_directory() as d:
+            state = torch.load(os.path.join(d, STATE_FILE), map_location="cpu", weights_only=True)
+        model.load_state_dict(state["model"])
+        ema.module.load_state_dict(state["ema"])
+        opt.load_state_dict(state["optimizer"])
+        step = int(state["step"])
+    ema.module.to(device)
+    model = ray.train.torch.prepare_model(model)
+    raw = model.module if hasattr(model, "module") else model
+    abar = cosine_alphas_cumprod(config.num_timesteps).to(device=device, dtype=torch.float32)
+    gen = torch.Generator(device=device).manual_seed(config.seed + 1_000_003 * rank + step)
+    amp = autocast_dtype(device, config.precision)
+    shard = ray.train.get_dataset_shard("train")
+    window: dict[str, float] = {"loss": 0.0, "n": 0, "wait": 0.0, "start": time.perf_counter()}
+    while step < config.steps:
+        tic = time.perf_counter()
+        for batch in shard.iter_torch_batches(
+            batch_size=config.batch_size_per_worker,
+            local_shuffle_buffer_size=config.shuffle_buffer,
+            local_shuffle_seed=config.seed + rank + step,
+            drop_last=True,
+            device=device,
+        ):
+            window["wait"] += time.perf_counter() - tic
+            x0 = batch["image"].permute(0, 3, 1, 2).float() / 127.5 - 1
+            lr = config.lr * min(1.0, (step + 1) / max(config.warmup_steps, 1))
+            for group in opt.param_groups:
+                group["lr"] = lr
+            with torch.autocast(device.type, dtype=amp) if amp else nullcontext():
+                loss = diffusion_loss(
+                    model,
+                    x0,
+                    condition_of(batch, config.model.use_knn),
+                    abar,
+                    config.model.cond_drop_prob,
+                    gen,
+                )
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
+            opt.step()
+            ema.update(raw, step=step)
+            step += 1
+            window["loss"] += float(loss.detach())
+            window["n"] += 1
+            due_ckpt = step % config.checkpoint_every == 0 or step == config.steps
+            if step % config.log_every == 0 or due_ckpt:
+                seconds = time.perf_counter() - window["start"]
+                metrics = {
+                    "step": step,
+                    "loss": window["loss"] / window["n"],
+                    "samples_per_s": window["n"] * config.batch_size_per_worker / seconds,
+                    "data_wait_fraction": window["wait"] / seconds,
+                    "lr": lr,
+                }
+                if due_ckpt:
+                    with tempfile.TemporaryDirectory() as d:
+                        if rank == 0:
+                            state = {
+                                "model": raw.state_dict(),
+                                "ema": ema.module.state_dict(),
+                                "optimizer": opt.state_dict(),
+                                "step": step,
+                                "config": json.dumps(config.to_dict()),
+                            }
+                            torch.save(state, os.path.join(d, STATE_FILE))
+                        ckpt = ray.train.Checkpoint.from_directory(d) if rank == 0 else None
+                        ray.train.report(metrics, checkpoint=ckpt)
+                else:
+                    ray.train.report(metrics)
+                window = {"loss": 0.0, "n": 0, "wait": 0.0, "start": time.perf_counter()}
+            if step >= config.steps:
+                break
+            tic = time.perf_counter()
+    del world
+
+
+def _metrics_callback(config: TrainConfig) -> Any:
+    from ray.train import UserCallback
+    from tqdm import tqdm
+
+    class MetricsLog(UserCallback):
+        """On the controller: average the workers' reports into <output>/metrics.csv and show progress."""
+
+        def __init__(self) -> None:
+            self.path = os.path.join(config.output, "metrics.csv")
+            self.bar: Any = None
+            self.start = time.time()
+
+        def after_report(self, run_context: Any, metrics: list[dict[str, Any]], checkpoint: Any) -> None:
+            rows = read_metrics(self.path)
+            step = int(metrics[0]["step"])
+            row = {
+                "step": step,
+                "loss": sum(m["loss"] for m in metrics) / len(metrics),
+                "samples_per_s": sum(m["samples_per_s"] for m in metrics),
+                "data_wait_fraction": max(m["data_wait_fraction"] for m in metrics),
+                "lr": metrics[0]["lr"],
+                "time": time.time() - self.start,
+            }
+            rows = [r for r in rows if r["step"] < step] + [row]  # a resumed run rewrites what it repeats
+            write_metrics(self.path, rows)
+            if self.bar is None:
+                self.bar = tqdm(total=config.steps, initial=step, desc="train", unit="step")
+            self.bar.update(step - self.bar.n)
+            self.bar.set_postfix(loss=f"{row['loss']:.4f}", samples_s=f"{row['samples_per_s']:.0f}")
+
+    return MetricsLog()
+
+
+def read_metrics(path: str) -> list[dict[str, float]]:
+    if not os.path.exists(path):
+        return []
+    with open(path) as f:
+        return [{k: float(v) for k, v in r.items()} for r in csv.DictReader(f)]
+
+
+def write_metrics(path: str, rows: list[dict[str, float]]) -> None:
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=METRIC_FIELDS)
+    writer.writeheader()
+    writer.writerows(rows)
+    tmp = f"{path}.tmp-{os.getpid()}"
+    with open(tmp, "w") as f:
+        f.write(buf.getvalue())
+    os.replace(tmp, path)
+
+
+def plot_loss(rows: list[dict[str, float]], path: str, size: tuple[int, int] = (640, 360)) -> None:
+    """A PNG line plot of loss against step (PIL only; no plotting library in the dependency set)."""
+    from PIL import Image, ImageDraw
+
+    w, h = size
+    img = Image.new("RGB", size, "white")
+    draw = ImageDraw.Draw(img)
+    left, right, top, bottom = 60, w - 20, 20, h - 40
+    draw.rectangle([left, top, right, bottom], outline="black")
+    if rows:
+        steps = [r["step"] for r in rows]
+        losses = [r["loss"] for r in rows]
+        lo, hi = min(losses), max(losses)
+        hi = hi if hi > lo else lo + 1e-6
+        s0, s1 = min(steps), max(steps) if max(steps) > min(steps) else min(steps) + 1
+
+        def xy(s: float, v: float) -> tuple[float, float]:
+            return left + (s - s0) / (s1 - s0) * (right - left), bottom - (v - lo) / (hi - lo) * (
+                bottom - top
+            )
+
+        draw.line([xy(s, v) for s, v in zip(steps, losses, strict=True)], fill=(31, 119, 180), width=2)
+        draw.text((5, top), f"{hi:.4f}", fill="black")
+        draw.text((5, bottom - 10), f"{lo:.4f}", fill="black")
+        draw.text((left, bottom + 8), f"step {int(s0)}", fill="black")
+        draw.text((right - 80, bottom + 8), f"step {int(s1)}", fill="black")
+    draw.text((left + 5, 3), "training loss", fill="black")
+    img.save(path)
+
+
+def train(config: TrainConfig, ray_address: str | None = None) -> dict[str, Any]:
+    """Train (or resume) the run in config.output; returns the last metrics row and the checkpoint path."""
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    from diffusion.data import make_dataset
+    from pipelines.ray_env import init_ray
+
+    start = time.time()
+    output = os.path.abspath(config.output)
+    config.output = output
+    os.makedirs(output, exist_ok=True)
+    config_path = os.path.join(output, "config.json")
+    if os.path.exists(config_path):
+        with open(config_path) as f:
+            previous = json.load(f)
+        changed = {
+            k
+            for k in previous
+            if k not in ("steps", "num_workers", "use_gpu") and previous[k] != config.to_dict()[k]
+        }
+        if changed:
+            raise ValueError(
+                f"--output {output} holds a run with other settings ({sorted(changed)}); use another --output"
+            )
+    with open(config_path + ".tmp", "w") as f:
+        json.dump(config.to_dict(), f, indent=2)
+    os.replace(config_path + ".tmp", config_path)
+    init_ray(ray_address)
+    dataset = make_dataset(config)
+    log.info("training %s", json.dumps(config.to_dict()))
+    trainer = TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config=config.to_dict(),
+        scaling_config=ScalingConfig(num_workers=config.num_workers, use_gpu=config.use_gpu),
+        run_config=RunConfig(
+            name="ray_train",
+            storage_path=output,
+            failure_config=FailureConfig(max_failures=config.max_failures),
+            checkpoint_config=CheckpointConfig(num_to_keep=2),
+            callbacks=[_metrics_callback(config)],
+        ),
+        datasets={"train": dataset},
+    )
+    result = trainer.fit()
+    rows = read_metrics(os.path.join(output, "metrics.csv"))
+    plot_loss(rows, os.path.join(output, "loss.png"))
+    last = rows[-1] if rows else {}
+    ckpt = result.checkpoint.path if result.checkpoint else None
+    print(
+        f"train: step {int(last.get('step', 0))}/{config.steps}, loss {last.get('loss', float('nan')):.4f}, "
+        f"{last.get('samples_per_s', float('nan')):.0f} samples/s, data wait {last.get('data_wait_fraction', 0):.1%} "
+        f"in {time.time() - start:.0f}s -> {ckpt}",
+        flush=True,
+    )
+    return {"metrics": last, "checkpoint": ckpt}
+
+
+def latest_checkpoint(run: str) -> str:
+    """The state.pt of the highest step under a run folder (or the path itself if it is a state.pt / folder)."""
+    if os.path.isfile(run):
+        return run
+    if os.path.exists(os.path.join(run, STATE_FILE)):
+        return os.path.join(run, STATE_FILE)
+    best, best_step = None, -1
+    for root, _, files in os.walk(run):
+        if STATE_FILE in files:
+            path = os.path.join(root, STATE_FILE)
+            step = int(torch.load(path, map_location="cpu", weights_only=True)["step"])
+            if step > best_step:
+                best, best_step = path, step
+    if best is None:
+        raise FileNotFoundError(
+            f"--checkpoint {run} holds no {STATE_FILE}; train first (`knn-diffusion train`)"
+        )
+    return best

@@ -1,0 +1,182 @@
+"""The generator's parts without Ray: network, condition handling, guidance, samplers, loss, configs."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from diffusion.config import ModelConfig, load_yaml, model_config
+from diffusion.loss import diffusion_loss
+from diffusion.model import KnnDenoiser
+from diffusion.samplers import guided_eps, sample_ddim, sample_ddpm, sample_dpmpp_2m
+from diffusion.schedule import cosine_alphas_cumprod, q_sample, sampling_timesteps
+
+T = 100
+
+
+def tiny(**overrides) -> KnnDenoiser:
+    torch.manual_seed(0)
+    model = KnnDenoiser(model_config("tiny", cond_dim=8, **overrides))
+    for p in model.parameters():  # adaLN-Zero starts at the identity; perturb so outputs depend on everything
+        p.data += 0.05 * torch.randn_like(p)
+    return model.eval()
+
+
+def cond_of(b: int, k: int = 4, d: int = 8, seed: int = 1) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return {
+        "query": torch.randn(b, d, generator=g),
+        "neighbours": torch.randn(b, k, d, generator=g),
+        "valid": torch.ones(b, k, dtype=torch.bool),
+    }
+
+
+def test_shapes_and_condition_use():
+    model = tiny()
+    x, t, cond = torch.randn(3, 3, 16, 16), torch.tensor([0, 50, 99]), cond_of(3)
+    out = model(x, t, **cond)
+    assert out.shape == x.shape
+    other = dict(cond, neighbours=torch.randn(3, 4, 8))
+    assert not torch.allclose(model(x, t, **other), out)  # the neighbours matter
+    # missing neighbours become null tokens: their embeddings no longer matter
+    missing = dict(cond, valid=torch.tensor([[True, False, True, False]] * 3))
+    again = dict(missing, neighbours=torch.where(missing["valid"][..., None], cond["neighbours"], 7.0))
+    torch.testing.assert_close(model(x, t, **missing), model(x, t, **again))
+    # a dropped condition is the same whatever it was
+    drop = torch.ones(3, dtype=torch.bool)
+    torch.testing.assert_close(model(x, t, drop=drop, **cond), model(x, t, drop=drop, **cond_of(3, seed=9)))
+    with pytest.raises(ValueError, match="neighbour"):
+        model(x, t, query=cond["query"])
+
+
+def test_no_knn_variant_takes_the_query_only():
+    model = tiny(use_knn=False)
+    x, t = torch.randn(2, 3, 16, 16), torch.tensor([3, 4])
+    assert model(x, t, query=torch.randn(2, 8)).shape == x.shape
+    assert model.condition_tokens(torch.randn(2, 8)).shape == (2, 1, 32)
+
+
+def test_paper_preset_is_about_400m_parameters():
+    with torch.device("meta"):
+        model = KnnDenoiser(model_config("paper"))
+    n = sum(p.numel() for p in model.parameters())
+    assert 350e6 < n < 450e6, n
+
+
+def test_guidance_one_is_conditional_and_zero_unconditional():
+    model = tiny()
+    x, cond = torch.randn(2, 3, 16, 16), cond_of(2)
+    t = torch.full((2,), 40)
+    c = model(x, t, drop=torch.zeros(2, dtype=torch.bool), **cond)
+    u = model(x, t, drop=torch.ones(2, dtype=torch.bool), **cond)
+    torch.testing.assert_close(guided_eps(model, x, 40, cond, 1.0), c, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(guided_eps(model, x, 40, cond, 0.0), u, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(guided_eps(model, x, 40, cond, 3.0), u + 3 * (c - u), atol=1e-5, rtol=1e-5)
+
+
+def test_samplers_are_deterministic_with_a_seed():
+    model, cond, abar = tiny(), cond_of(2), cosine_alphas_cumprod(T)
+    steps = sampling_timesteps(T, 10)
+    for sampler in (sample_ddpm, sample_ddim, sample_dpmpp_2m):
+        runs = []
+        for _ in range(2):
+            g = torch.Generator().manual_seed(5)
+            x = torch.randn(2, 3, 16, 16, generator=g)
+            runs.append(sampler(model, x, steps, cond, 2.0, abar, generator=g))
+        torch.testing.assert_close(runs[0], runs[1], atol=0, rtol=0)
+        assert runs[0].abs().max() <= 1.0 + 1e-5  # ends at the (clipped) data prediction
+
+
+def test_ddim_with_eta_one_over_all_steps_is_ddpm():
+    model, cond, abar = tiny(), cond_of(2), cosine_alphas_cumprod(T)
+    steps = sampling_timesteps(T, T)
+    out = []
+    for sampler, kw in ((sample_ddpm, {}), (sample_ddim, {"eta": 1.0})):
+        g = torch.Generator().manual_seed(3)
+        out.append(
+            sampler(model, torch.randn(2, 3, 16, 16, generator=g), steps, cond, 1.5, abar, generator=g, **kw)
+        )
+    torch.testing.assert_close(out[0], out[1], atol=1e-4, rtol=1e-4)
+
+
+def test_deterministic_samplers_converge_with_more_steps():
+    """DDIM (eta=0) and DPM-Solver++(2M) solve the same ODE: they agree more closely as steps grow."""
+    model, cond, abar = tiny(), cond_of(1), cosine_alphas_cumprod(T)
+    x = torch.randn(1, 3, 16, 16, generator=torch.Generator().manual_seed(0))
+    ref = sample_ddim(model, x, sampling_timesteps(T, T), cond, 1.0, abar, clip_x0=False)
+    errors = []
+    for n in (5, 20):
+        ddim = sample_ddim(model, x, sampling_timesteps(T, n), cond, 1.0, abar, clip_x0=False)
+        dpm = sample_dpmpp_2m(model, x, sampling_timesteps(T, n), cond, 1.0, abar, clip_x0=False)
+        errors.append(((ddim - ref).abs().mean().item(), (dpm - ref).abs().mean().item()))
+    assert errors[1][0] < errors[0][0] and errors[1][1] < errors[0][1]
+    assert errors[0][1] < errors[0][0]  # the second-order solver is closer at few steps
+
+
+def test_tiny_model_overfits_a_handful_of_images():
+    """Four flat images with a square each: the images it reconstructs from noisy versions (t in [20, 80) of
+    100) get far closer to the originals, and the training loss falls."""
+    torch.manual_seed(0)
+    model = KnnDenoiser(model_config("tiny", cond_dim=8, cond_drop_prob=0.0))
+    x0 = torch.rand(4, 3, 1, 1).expand(4, 3, 16, 16).clone() * 2 - 1
+    for i in range(4):
+        x0[i, :, 4 * i : 4 * i + 6, 4:10] = -x0[i, :, :1, :1]
+    cond = cond_of(4)
+    abar = cosine_alphas_cumprod(T).float()
+    eval_gen = torch.Generator().manual_seed(123)
+    t_eval = torch.randint(20, 80, (64,), generator=eval_gen)
+    noise_eval = torch.randn(64, 3, 16, 16, generator=eval_gen)
+    big = {k: v.repeat(16, *([1] * (v.dim() - 1))) for k, v in cond.items()}
+
+    def held_out_loss() -> float:
+        with torch.no_grad():
+            xt = q_sample(x0.repeat(16, 1, 1, 1), t_eval, noise_eval, abar)
+            a = abar[t_eval].view(-1, 1, 1, 1)
+            x0_hat = (xt - (1 - a).sqrt() * model(xt, t_eval, **big)) / a.sqrt()
+            return torch.nn.functional.mse_loss(x0_hat, x0.repeat(16, 1, 1, 1)).item()
+
+    before = held_out_loss()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    gen = torch.Generator().manual_seed(0)
+    losses = []
+    for _ in range(400):
+        loss = diffusion_loss(
+            model,
+            x0.repeat(4, 1, 1, 1),
+            {k: v.repeat(4, *([1] * (v.dim() - 1))) for k, v in cond.items()},
+            abar,
+            0.0,
+            gen,
+        )
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    after = held_out_loss()
+    assert after < 0.1 * before, (before, after)
+    assert sum(losses[-40:]) < 0.7 * sum(losses[:40])
+
+
+def test_q_sample_and_schedule():
+    abar = cosine_alphas_cumprod(1000)
+    assert abar[0] > 0.999 and abar[-1] < 1e-4 and (abar.diff() < 0).all()
+    x0, noise = torch.ones(2, 3, 4, 4), torch.zeros(2, 3, 4, 4)
+    xt = q_sample(x0, torch.tensor([0, 999]), noise, abar)
+    torch.testing.assert_close(xt[0], abar[0].sqrt().float() * x0[0])
+    assert sampling_timesteps(1000, 4) == [999, 666, 333, 0]
+
+
+def test_config_validation_and_yaml(tmp_path):
+    with pytest.raises(ValueError, match="multiple of patch_size"):
+        ModelConfig(image_size=30, patch_size=4)
+    with pytest.raises(ValueError, match="width"):
+        ModelConfig(width=32, num_heads=2, patch_size=4)  # 48 values per patch through 32 channels
+    with pytest.raises(ValueError, match="preset"):
+        model_config("huge")
+    path = tmp_path / "c.yaml"
+    path.write_text("model:\n  preset: tiny\n  k: 3\nsteps: 7\nbatch_size_per_worker: 2\n")
+    config = load_yaml(str(path), db="d", neighbours="n", output="o")
+    assert config.model.k == 3 and config.model.width == 32 and config.steps == 7
+    path.write_text("stpes: 7\n")
+    with pytest.raises(ValueError, match="unknown keys"):
+        load_yaml(str(path), db="d", neighbours="n", output="o")

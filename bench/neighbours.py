@@ -167,7 +167,7 @@ def main(argv: list[str] | None = None) -> dict:
     db = Database.open(path)
     rng = np.random.default_rng(0)
     sample = np.sort(rng.choice(len(db), size=min(args.num_queries, len(db)), replace=False))
-    emb = db._embeddings
+    emb = db.embeddings_at_rows(np.arange(len(db)))
     exact = faiss.IndexFlatIP(db.dim)
     exact.add(np.ascontiguousarray(emb, dtype=np.float32))
     queries = np.ascontiguousarray(emb[sample], dtype=np.float32)

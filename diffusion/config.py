@@ -82,6 +82,7 @@ class TrainConfig:
     steps: optimizer steps in total; batch_size_per_worker: images per worker per step.
     checkpoint_every, log_every: in steps. num_timesteps: diffusion steps T. ema_decay: EMA of the weights.
     precision: auto (bf16 autocast on CUDA/AMX CPUs), fp32 or bf16. max_failures: worker failures survived.
+    crash_at_step: fault injection for recovery tests: the last worker SIGKILLs itself once at this step.
     """
 
     db: str
@@ -105,6 +106,7 @@ class TrainConfig:
     max_failures: int = 3
     shuffle_buffer: int = 2048
     seed: int = 0
+    crash_at_step: int | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.model, dict):

@@ -34,6 +34,7 @@ class SampleConfig:
     prompt_file: str | None = None
     band: str | None = None
     catalogue: str | None = None
+    k: int | None = None
     guidance: float = 3.0
     steps: int = 50
     sampler: str = "ddim"
@@ -112,6 +113,10 @@ def sample(config: SampleConfig) -> dict[str, Any]:
     prompts = config.all_prompts()
     model, train_config, step = load_model(config.checkpoint, config.use_ema)
     mc = train_config.model
+    if config.k is not None and config.k != mc.k:
+        raise ValueError(
+            f"--k {config.k}: the model was trained with k={mc.k} neighbours; pass --k {mc.k} or omit it"
+        )
     db = open_database(config.database, catalogue=config.catalogue)
     query = cached_encoder(db.info["clip_model"]).encode_texts(prompts).numpy()
     if query.shape[1] != mc.cond_dim:
@@ -127,6 +132,7 @@ def sample(config: SampleConfig) -> dict[str, Any]:
         nb = np.zeros((len(prompts), mc.k, mc.cond_dim), np.float32)
         if valid.any():
             nb[valid] = db.embeddings(found.ids[valid])
+        valid &= np.linalg.norm(nb, axis=-1) > 0  # a remote image that could not be fetched
         cond.update(neighbours=torch.from_numpy(nb), valid=torch.from_numpy(valid))
     n = config.num_per_prompt
     cond = {k: v.repeat_interleave(n, dim=0) for k, v in cond.items()}

@@ -25,7 +25,16 @@ from diffusion.config import TrainConfig
 
 log = logging.getLogger(__name__)
 STATE_FILE = "state.pt"
-METRIC_FIELDS = ("step", "loss", "samples_per_s", "data_wait_fraction", "lr", "time")
+METRIC_FIELDS = (
+    "step",
+    "loss",
+    "samples_per_s",
+    "data_wait_fraction",
+    "lr",
+    "weight_disagreement",
+    "start_step",
+    "time",
+)
 
 
 def autocast_dtype(device: torch.device, precision: str) -> torch.dtype | None:
@@ -76,6 +85,7 @@ def train_loop_per_worker(cfg: dict[str, Any]) -> None:
         ema.module.load_state_dict(state["ema"])
         opt.load_state_dict(state["optimizer"])
         step = int(state["step"])
+    start_step = step
     ema.module.to(device)
     model = ray.train.torch.prepare_model(model)
     raw = model.module if hasattr(model, "module") else model
@@ -124,6 +134,8 @@ def train_loop_per_worker(cfg: dict[str, Any]) -> None:
                     "samples_per_s": window["n"] * config.batch_size_per_worker / seconds,
                     "data_wait_fraction": window["wait"] / seconds,
                     "lr": lr,
+                    "param_sum": float(sum(p.detach().double().sum() for p in raw.parameters())),
+                    "start_step": start_step,
                 }
                 if due_ckpt:
                     with tempfile.TemporaryDirectory() as d:
@@ -143,8 +155,12 @@ def train_loop_per_worker(cfg: dict[str, Any]) -> None:
                 window = {"loss": 0.0, "n": 0, "wait": 0.0, "start": time.perf_counter()}
             if step >= config.steps:
                 break
+            if config.crash_at_step == step and rank == world - 1:
+                marker = os.path.join(config.output, ".crashed_once")
+                if not os.path.exists(marker):
+                    open(marker, "w").close()
+                    os.kill(os.getpid(), 9)  # SIGKILL: no cleanup, as a lost node would
             tic = time.perf_counter()
-    del world
 
 
 def _metrics_callback(config: TrainConfig) -> Any:
@@ -168,6 +184,9 @@ def _metrics_callback(config: TrainConfig) -> Any:
                 "samples_per_s": sum(m["samples_per_s"] for m in metrics),
                 "data_wait_fraction": max(m["data_wait_fraction"] for m in metrics),
                 "lr": metrics[0]["lr"],
+                "weight_disagreement": max(m["param_sum"] for m in metrics)
+                - min(m["param_sum"] for m in metrics),
+                "start_step": min(m["start_step"] for m in metrics),
                 "time": time.time() - self.start,
             }
             rows = [r for r in rows if r["step"] < step] + [row]  # a resumed run rewrites what it repeats

@@ -69,17 +69,21 @@ def score(config: ScoreConfig) -> dict[str, Any]:
     fs = fsspec.filesystem("file")
     out = os.path.join(config.db, "aesthetic")
     head_json = os.path.join(out, "head.json")
-    record = {"head": head.name, "kind": head.kind, "clip_model": head.clip_model}
+    record = {"head": head.name, "kind": head.kind, "clip_model": head.clip_model, "sha256": head.sha256}
+    previous = None
     if os.path.exists(head_json):
         with open(head_json) as f:
             previous = json.load(f)
-        if previous != record:
-            if not config.overwrite:
-                raise ValueError(
-                    f"{out} holds scores from head {previous['head']}; pass --overwrite to replace them with "
-                    f"{head.name} (aesthetic bands built from the old scores must then be rebuilt)"
-                )
-            shutil.rmtree(out)
+        if previous != record and not config.overwrite:
+            raise ValueError(
+                f"{out} holds scores from head {previous['head']}; pass --overwrite to replace them with "
+                f"{head.name} (the aesthetic bands built from the old scores are removed)"
+            )
+    if config.overwrite or (previous is not None and previous != record):
+        shutil.rmtree(out, ignore_errors=True)
+        bands_json = os.path.join(config.db, "bands", "bands.json")
+        if os.path.exists(bands_json):  # bands cut from other scores would silently mislead
+            os.remove(bands_json)
     os.makedirs(out, exist_ok=True)
     atomic_write_bytes(fs, head_json, json.dumps(record).encode())
     parts = sorted(glob.glob(os.path.join(config.db, "img_emb", "img_emb_*.npy")))
@@ -202,7 +206,7 @@ def fit(config: FitConfig) -> dict[str, Any]:
         raise ValueError(f"--ratings {config.ratings} has {n} rows; fitting a head needs at least 10")
     rng = np.random.default_rng(config.seed)
     order = rng.permutation(n)
-    num_holdout = max(1, int(round(n * config.holdout)))
+    num_holdout = min(max(1, int(round(n * config.holdout))), n - 1)
     test, train = order[:num_holdout], order[num_holdout:]
     torch.manual_seed(config.seed)
     head = make_head(config.head_kind, emb.shape[1])
@@ -319,7 +323,7 @@ def _build_band(db: str, band: dict[str, Any], config: IndexConfig) -> dict[str,
     os.makedirs(tmp)
     infos: dict[str, Any] = {}
     if len(ids):
-        emb = np.ascontiguousarray(database._embeddings[np.flatnonzero(mask)], dtype=np.float32)
+        emb = database.embeddings_at_rows(np.flatnonzero(mask))
         infos = build_faiss_index(emb, tmp, "image.index", "index_infos.json", config)
     np.save(os.path.join(tmp, "ids.npy"), ids)
     record = {**band, "count": int(len(ids)), "index_key": infos.get("index_key")}
@@ -355,9 +359,14 @@ def subindex(config: SubindexConfig, ray_address: str | None = None) -> dict[str
         index_key=config.index_key,
     )
     init_ray(ray_address)
-    cores = int(ray.cluster_resources().get("CPU", 1))
+    from pipelines.ray_env import node_cpus
+
+    cores = max(node_cpus())  # each band is one task: it must fit on one node
     task = ray.remote(num_cpus=cores)(_build_band)
     index_config.nb_cores = cores
+    bands_json_path = os.path.join(config.db, "bands", "bands.json")
+    if os.path.exists(bands_json_path):  # until the new bands are all in place, there are no bands
+        os.remove(bands_json_path)
     refs = [task.remote(os.path.abspath(config.db), band, index_config) for band in bands]
     records = [ray.get(r) for r in tqdm(refs, desc="aesthetic subindex", unit="band")]
     fs = fsspec.filesystem("file")
@@ -365,7 +374,7 @@ def subindex(config: SubindexConfig, ray_address: str | None = None) -> dict[str
     atomic_write_bytes(
         fs, os.path.join(config.db, "bands", "bands.json"), json.dumps(bands_json, indent=2).encode()
     )
-    cat_path = config.catalogue or catalogue.default_path(config.db)
+    cat_path = config.catalogue or catalogue.default_path()
     name = config.name or os.path.basename(os.path.abspath(config.db))
     catalogue.register(cat_path, name, catalogue.local_entry(config.db))
     counts = ", ".join(f"{r['name']}: {r['count']}" for r in records)

@@ -74,8 +74,8 @@ HELP: dict[str, str] = {
     "seed": "random seed (held-out split, initialisation, batch order)",
     "quantile_bins": "N bands holding equal numbers of images (the paper uses 5)",
     "bands": "explicit bands LOWER-UPPER, comma-separated, each [LOWER, UPPER), e.g. 0-4.5,4.5-5.5,5.5-10",
-    "catalogue": "catalogue JSON to register the database in; default: $KNN_DIFFUSION_CATALOGUE, "
-    "else catalogue.json beside the database folder",
+    "catalogue": "catalogue JSON naming the databases; default: $KNN_DIFFUSION_CATALOGUE, "
+    "else ~/.config/knn_diffusion/catalogue.json",
     "name": "the database's name in the catalogue; default: its folder name",
     # neighbours
     "k": "neighbours per image",
@@ -189,9 +189,7 @@ def build_parser() -> argparse.ArgumentParser:
         "catalogue", help="list the catalogue or add a database (local folder or remote service)"
     )
     p.add_argument("action", choices=("list", "add"), help="list the databases, or add one")
-    p.add_argument(
-        "--catalogue", default=None, help=HELP["catalogue"].replace("beside the database folder", "here")
-    )
+    p.add_argument("--catalogue", default=None, help=HELP["catalogue"])
     p.add_argument("--name", default=None, help="name of the database to add")
     p.add_argument("--db", default=None, help="a local database folder to add")
     p.add_argument(
@@ -199,6 +197,46 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--indice-name", default=None, help="the service's index name (default: its first)")
     p.add_argument("--clip-model", default=None, help="the service's CLIP, as in `embed` (needed with --url)")
+    desc = "train the kNN-Diffusion generator on Ray Train (resumes when --output holds a run)"
+    p = sub.add_parser("train", help=desc, description=desc)
+    p.add_argument(
+        "--config",
+        required=True,
+        help="YAML run config (model preset + training fields), e.g. configs/small.yaml",
+    )
+    p.add_argument("--db", default=None, help="database folder (its embeddings condition the model)")
+    p.add_argument(
+        "--neighbours", default=None, help="neighbour tables of the database (`knn-diffusion neighbours`)"
+    )
+    p.add_argument("--output", default=None, help="run folder: checkpoints, metrics.csv, loss.png")
+    p.add_argument("--shards", default=None, help="image shards; default: the ones database.json records")
+    p.add_argument("--steps", type=int, default=None, help="optimizer steps in total (overrides the config)")
+    p.add_argument("--num-workers", type=int, default=None, help="Ray Train workers (DDP ranks)")
+    p.add_argument(
+        "--use-gpu", action=argparse.BooleanOptionalAction, default=None, help="one GPU per worker"
+    )
+    p.add_argument("--batch-size-per-worker", type=int, default=None, help="images per worker per step")
+    p.add_argument("--ray-address", default=None, help=ray_help)
+    desc = "generate images for prompts, conditioned on their neighbours in any database or band"
+    p = sub.add_parser("sample", help=desc, description=desc)
+    p.add_argument("--checkpoint", required=True, help="run folder (its latest checkpoint) or a state.pt")
+    p.add_argument("--database", required=True, help="database folder or catalogue name to retrieve from")
+    p.add_argument("--output", required=True, help="folder for grid.png, neighbours.png and samples.json")
+    p.add_argument("--prompt", action="append", dest="prompts", help="a prompt (repeat for more)")
+    p.add_argument("--prompt-file", default=None, help="file with one prompt per line")
+    p.add_argument("--band", default=None, help="aesthetic band (name or position) to retrieve from")
+    p.add_argument("--catalogue", default=None, help="catalogue JSON for database names")
+    p.add_argument(
+        "--k", type=int, default=None, help="neighbours to retrieve; must equal the model's k (default: it)"
+    )
+    p.add_argument(
+        "--guidance", type=float, default=3.0, help="classifier-free guidance scale (1: conditional only)"
+    )
+    p.add_argument("--steps", type=int, default=50, help="sampling steps (default: 50)")
+    p.add_argument("--sampler", default="ddim", help="ddim, ddpm or dpmpp_2m (default: ddim)")
+    p.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
+    p.add_argument("--num-per-prompt", type=int, default=4, help="images per prompt (default: 4)")
+    p.add_argument("--ema", action=argparse.BooleanOptionalAction, default=True, help="use the EMA weights")
     p = sub.add_parser(
         "serve", help="serve a database with clip-retrieval back", description="serve a database over HTTP"
     )
@@ -282,6 +320,44 @@ def main(argv: list[str] | None = None) -> int:
             from pipelines.neighbours import compute
 
             compute(config_from_args(args.config_cls, args), ray_address=args.ray_address)
+        elif args.command == "train":
+            from diffusion.config import load_yaml
+            from diffusion.train import train
+
+            overrides = {
+                k: getattr(args, k)
+                for k in (
+                    "db",
+                    "neighbours",
+                    "output",
+                    "shards",
+                    "steps",
+                    "num_workers",
+                    "use_gpu",
+                    "batch_size_per_worker",
+                )
+            }
+            train(load_yaml(args.config, **overrides), ray_address=args.ray_address)
+        elif args.command == "sample":
+            from diffusion.sample import SampleConfig, sample
+
+            config = SampleConfig(
+                checkpoint=args.checkpoint,
+                database=args.database,
+                output=args.output,
+                prompts=args.prompts,
+                prompt_file=args.prompt_file,
+                band=args.band,
+                catalogue=args.catalogue,
+                k=args.k,
+                guidance=args.guidance,
+                steps=args.steps,
+                sampler=args.sampler,
+                seed=args.seed,
+                num_per_prompt=args.num_per_prompt,
+                use_ema=args.ema,
+            )
+            sample(config)
         elif args.command == "catalogue":
             catalogue_command(args)
         elif args.command == "serve":

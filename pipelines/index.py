@@ -113,7 +113,9 @@ def build(config: IndexConfig, ray_address: str | None = None) -> dict[str, Any]
         raise ValueError(f"--db {config.db} has no text embeddings (no captions were embedded)")
     start = time.time()
     init_ray(ray_address)
-    cpus = int(ray.cluster_resources().get("CPU", 1))
+    from pipelines.ray_env import node_cpus
+
+    cpus = max(node_cpus())  # one task: it must fit on one node
     cores = min(config.nb_cores or cpus, cpus)
     task = ray.remote(num_cpus=cores)(_build)
     infos = ray.get(task.remote(dataclasses.replace(config, nb_cores=cores)))

@@ -70,6 +70,15 @@ class NeighboursConfig:
         }
 
 
+def index_identity(db: str, band: str | None) -> str:
+    """Size and modification time of the index searched (and of bands.json for a band): a rebuilt index or
+    re-cut bands make a different table, which must not be mixed with shards computed before."""
+    files = [os.path.join(db, "image.index")]
+    if band is not None:
+        files = [os.path.join(db, "bands", "bands.json")]
+    return ";".join(f"{os.path.basename(f)}:{os.path.getsize(f)}:{os.path.getmtime(f):.6f}" for f in files)
+
+
 def select_neighbours(
     query_ids: np.ndarray, ids: np.ndarray, scores: np.ndarray, k: int, duplicate_threshold: float
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -146,6 +155,10 @@ class NeighbourSearcher:
             os.path.join(db, "metadata", f"metadata_{part}.parquet"), columns=["image_id"]
         )
         query_ids = query_ids["image_id"].to_numpy().astype(np.int64)
+        if len(query_ids) != len(emb):
+            raise ValueError(
+                f"part {part} of {db} has {len(emb)} embeddings but {len(query_ids)} metadata rows; re-embed it"
+            )
         all_ids, all_scores, num_found = [], [], []
         for lo in range(0, len(emb), self.config.batch_size):
             q = np.ascontiguousarray(emb[lo : lo + self.config.batch_size], dtype=np.float32)
@@ -216,31 +229,44 @@ def compute(config: NeighboursConfig, ray_address: str | None = None) -> dict[st
     from retrieval.database import Database
 
     start = time.time()
+    output = config.output or ""
+    config = dataclasses.replace(
+        config, db=os.path.abspath(config.db), output=output if "://" in output else os.path.abspath(output)
+    )
     database = Database.open(config.db)  # fail here, not in an actor, on a missing index or band
     if config.index is not None:
         database.band(config.index)
     out = config.output
     fs, root = fsspec.core.url_to_fs(out)
-    settings = config.settings()
+    settings = {**config.settings(), "index_identity": index_identity(config.db, config.index)}
     settings_path = f"{root}/neighbours.json"
     if fs.exists(settings_path):
         with fs.open(settings_path) as f:
             previous = json.load(f)
         if previous != settings:
             raise ValueError(
-                f"--output {out} holds neighbours computed with other settings ({previous}); "
-                "choose another --output or delete it"
+                f"--output {out} holds neighbours computed with other settings or from another index build "
+                f"({previous}); choose another --output or delete it"
             )
     else:
         atomic_write_bytes(fs, settings_path, json.dumps(settings, indent=2).encode())
     parts = _parts(config.db)
     todo = [p for p in parts if not fs.exists(f"{root}/neighbours_{p}.parquet")]
     init_ray(ray_address)
-    nodes = [n for n in ray.nodes() if n.get("Alive") and n["Resources"].get("CPU")]
-    num_actors = min(config.num_actors or len(nodes), max(len(todo), 1))
-    cpus = max(1, int(min(n["Resources"]["CPU"] for n in nodes)) if nodes else 1)
-    if config.num_actors:
-        cpus = max(1, int(sum(n["Resources"]["CPU"] for n in nodes)) // num_actors)
+    from pipelines.ray_env import node_cpus
+
+    cpus_per_node = node_cpus()
+    if config.num_actors:  # as many as asked, each with an equal share that fits on the smallest node
+        num_actors = config.num_actors
+        cpus = max(1, min(sum(cpus_per_node) // num_actors, min(cpus_per_node)))
+    else:  # one per node, each with all of the smallest node's CPUs
+        num_actors, cpus = len(cpus_per_node), min(cpus_per_node)
+    fits = sum(c // cpus for c in cpus_per_node)
+    if num_actors > fits:
+        raise ValueError(
+            f"--num-actors {num_actors} do not fit the cluster ({cpus_per_node} CPUs per node); use <= {fits}"
+        )
+    num_actors = min(num_actors, max(len(todo), 1))
     actor_cls = ray.remote(num_cpus=cpus)(NeighbourSearcher)
     results: list[dict[str, Any]] = []
     if todo:

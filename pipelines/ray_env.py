@@ -25,3 +25,9 @@ def init_ray(address: str | None = None) -> None:
     else:
         log.info("connecting to Ray at %s", address)
         ray.init(address=address, configure_logging=False)
+
+
+def node_cpus() -> list[int]:
+    """CPU counts of the live nodes (a task needing more than the largest can never be scheduled)."""
+    counts = [int(n["Resources"].get("CPU", 0)) for n in ray.nodes() if n.get("Alive")]
+    return [c for c in counts if c > 0] or [1]

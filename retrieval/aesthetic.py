@@ -113,6 +113,7 @@ class AestheticHead:
     dim: int
     clip_model: str
     module: nn.Module
+    sha256: str = ""
 
     @torch.inference_mode()
     def score(self, emb: np.ndarray, batch_size: int = 65536) -> np.ndarray:
@@ -132,7 +133,8 @@ class AestheticHead:
         """Refuse a database embedded by another model: a head's scores mean nothing on foreign embeddings."""
         ours, theirs = ClipSpec.parse(self.clip_model), ClipSpec.parse(clip_model)
         hint = "fit a head for it with `knn-diffusion aesthetic fit`"
-        if dim != self.dim or ours.config != theirs.config:
+        same_arch = ours.config.removesuffix("-quickgelu") == theirs.config.removesuffix("-quickgelu")
+        if dim != self.dim or not same_arch:
             raise ValueError(
                 f"aesthetic head {self.name} is for {self.clip_model} ({self.dim}-d), but the database was embedded "
                 f"with {clip_model} ({dim}-d): {hint}"
@@ -148,7 +150,7 @@ class AestheticHead:
 def head_for(head: str, clip_model: str) -> str:
     """Resolve 'laion-v1' / 'laion-v2' to the published head for the database's model; pass other names through."""
     if head in ("laion-v1", "laion-v2"):
-        config = ClipSpec.parse(clip_model).config
+        config = ClipSpec.parse(clip_model).config.removesuffix("-quickgelu")
         name = f"{head}:{config}"
         if name not in PUBLISHED:
             have = ", ".join(n for n in PUBLISHED if n.startswith(head))
@@ -187,8 +189,14 @@ def fetch_published(
         from pipelines.safe_fetch import FetchPolicy, guarded_opener
 
         policy = FetchPolicy(max_bytes=MAX_HEAD_BYTES, allowed_networks=allow_network)
-        with guarded_opener(policy).open(url or spec.url, timeout=60) as r:
-            data = r.read()
+        try:
+            with guarded_opener(policy).open(url or spec.url, timeout=60) as r:
+                data = r.read()
+        except OSError as err:  # offline, 404, timeout
+            raise ValueError(
+                f"could not download the aesthetic head {name} from {url or spec.url} ({err}); on a machine "
+                f"without internet, put {spec.file} in a folder and pass --head-dir (or set ${HEAD_DIR_ENV})"
+            ) from err
         if hashlib.sha256(data).hexdigest() != spec.sha256:
             raise ValueError(
                 f"{url or spec.url} does not have the published sha256 {spec.sha256}; not cached"
@@ -201,12 +209,23 @@ def _verified(path: str, spec: PublishedHead) -> str:
     with open(path, "rb") as f:
         digest = hashlib.sha256(f.read()).hexdigest()
     if digest != spec.sha256:
-        raise ValueError(f"{path}: sha256 {digest} is not the published {spec.sha256} of {spec.file}")
+        raise ValueError(
+            f"{path}: sha256 {digest} is not the published {spec.sha256} of {spec.file}; delete it to download it again"
+        )
     return path
 
 
-def _load_state(path: str) -> dict[str, torch.Tensor]:
-    return torch.load(path, map_location="cpu", weights_only=True)
+def _load_state(path: str, module: nn.Module) -> nn.Module:
+    try:
+        module.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
+    except Exception as err:  # not plain weights, or weights of another shape
+        raise ValueError(f"{path} is not a {type(module).__name__} head's weights: {err}") from err
+    return module.eval()
+
+
+def _sha256(path: str) -> str:
+    with open(path, "rb") as f:
+        return hashlib.sha256(f.read()).hexdigest()
 
 
 def load_head(head: str, clip_model: str, head_dir: str | None = None) -> AestheticHead:
@@ -214,9 +233,8 @@ def load_head(head: str, clip_model: str, head_dir: str | None = None) -> Aesthe
     name = head_for(head, clip_model)
     if name in PUBLISHED:
         spec = PUBLISHED[name]
-        module = make_head(spec.kind, spec.dim)
-        module.load_state_dict(_load_state(fetch_published(name, head_dir)))
-        return AestheticHead(name, spec.kind, spec.dim, spec.clip_model, module.eval())
+        module = _load_state(fetch_published(name, head_dir), make_head(spec.kind, spec.dim))
+        return AestheticHead(name, spec.kind, spec.dim, spec.clip_model, module, spec.sha256)
     if not os.path.exists(name):
         raise FileNotFoundError(
             f"--head {name!r} is neither a published head ({', '.join(PUBLISHED)}, laion-v1, laion-v2) "
@@ -228,7 +246,12 @@ def load_head(head: str, clip_model: str, head_dir: str | None = None) -> Aesthe
             f"{sidecar} is missing: a fitted head needs the .json that `aesthetic fit` writes"
         )
     with open(sidecar) as f:
-        meta = json.load(f)
-    module = make_head(meta["kind"], int(meta["dim"]))
-    module.load_state_dict(_load_state(name))
-    return AestheticHead(name, meta["kind"], int(meta["dim"]), meta["clip_model"], module.eval())
+        try:
+            meta = json.load(f)
+            kind, dim, clip_model = meta["kind"], int(meta["dim"]), meta["clip_model"]
+        except (json.JSONDecodeError, KeyError, TypeError, ValueError) as err:
+            raise ValueError(
+                f"{sidecar} is not the .json `aesthetic fit` writes (kind, dim, clip_model): {err}"
+            ) from err
+    module = _load_state(name, make_head(kind, dim))
+    return AestheticHead(os.path.abspath(name), kind, dim, clip_model, module, _sha256(name))

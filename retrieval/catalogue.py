@@ -9,7 +9,8 @@ Format (version 1)::
                 "bands": [{"name": "q0", "lower": null, "upper": 4.1, "count": 200}, ...]},
         "web": {"kind": "remote", "url": "http://127.0.0.1:1234", "indice_name": "db", "clip_model": "..."}}}
 
-Its default place is $KNN_DIFFUSION_CATALOGUE, else catalogue.json beside the database folder.
+Its default place is $KNN_DIFFUSION_CATALOGUE, else ~/.config/knn_diffusion/catalogue.json: one catalogue
+per user, so a name means the same database from any directory.
 """
 
 from __future__ import annotations
@@ -21,11 +22,10 @@ from typing import Any
 CATALOGUE_ENV = "KNN_DIFFUSION_CATALOGUE"
 
 
-def default_path(db: str | None = None) -> str:
+def default_path() -> str:
     if os.environ.get(CATALOGUE_ENV):
         return os.environ[CATALOGUE_ENV]
-    parent = os.path.dirname(os.path.abspath(db.rstrip("/"))) if db else os.getcwd()
-    return os.path.join(parent, "catalogue.json")
+    return os.path.join(os.path.expanduser("~"), ".config", "knn_diffusion", "catalogue.json")
 
 
 def load(path: str) -> dict[str, Any]:
@@ -49,6 +49,12 @@ def register(path: str, name: str, entry: dict[str, Any]) -> None:
             f"catalogue entry {name!r} must have kind 'local' or 'remote', got {entry.get('kind')!r}"
         )
     cat = load(path)
+    old = cat["databases"].get(name)
+    if old is not None and (old.get("path"), old.get("url")) != (entry.get("path"), entry.get("url")):
+        raise ValueError(
+            f"catalogue {path} already names {name!r} for {old.get('path') or old.get('url')}; choose another --name "
+            "(or remove that entry from the file)"
+        )
     cat["databases"][name] = entry
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     tmp = f"{path}.tmp-{os.getpid()}"

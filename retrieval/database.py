@@ -148,7 +148,9 @@ class Database:
         names = [b.name for b in bands]
         if isinstance(band, str) and band in names:
             return bands[names.index(band)]
-        if (isinstance(band, int) or band.isdigit()) and 0 <= int(band) < len(bands):  # `--band 4`
+        if (isinstance(band, (int, np.integer)) or band.isdigit()) and 0 <= int(band) < len(
+            bands
+        ):  # `--band 4`
             return bands[int(band)]
         raise ValueError(
             f"{self.path} has no band {band!r}; its bands are {names} (or positions 0..{len(bands) - 1})"
@@ -203,13 +205,25 @@ class Database:
         return rows
 
     @cached_property
-    def _embeddings(self) -> np.ndarray:
+    def _embedding_parts(self) -> list[np.ndarray]:
+        """One memory map per img_emb part (never concatenated: that would read them all into memory)."""
         parts = sorted(glob.glob(os.path.join(self.path, "img_emb", "*.npy")))
-        return np.concatenate([np.load(p, mmap_mode="r") for p in parts])
+        return [np.load(p, mmap_mode="r") for p in parts]
+
+    def embeddings_at_rows(self, rows: np.ndarray) -> np.ndarray:
+        """[n, D] float32 embeddings of faiss/metadata rows, gathered part by part from the memory maps."""
+        rows = np.asarray(rows, dtype=np.int64)
+        out = np.empty((len(rows), self.dim), np.float32)
+        part_of = np.searchsorted(self.part_ends, rows, side="right")
+        starts = np.concatenate([[0], self.part_ends[:-1]])
+        for part in np.unique(part_of):
+            sel = np.flatnonzero(part_of == part)
+            out[sel] = self._embedding_parts[part][rows[sel] - starts[part]]
+        return out
 
     def embeddings(self, image_ids: np.ndarray) -> np.ndarray:
         """[n, D] float32 image embeddings of the given ids."""
-        return np.asarray(self._embeddings[self.rows_of(image_ids)], dtype=np.float32)
+        return self.embeddings_at_rows(self.rows_of(image_ids))
 
     @cached_property
     def _metadata(self) -> pd.DataFrame:

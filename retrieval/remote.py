@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import io
 import json
+import logging
 import urllib.request
 from typing import Any
 
@@ -19,6 +20,7 @@ import pandas as pd
 from retrieval.database import SearchResult, normalize
 
 MAX_RESPONSE_BYTES = 16 * 1024 * 1024
+log = logging.getLogger(__name__)
 
 
 def _read_capped(response: Any, limit: int, what: str) -> bytes:
@@ -56,8 +58,11 @@ class RemoteDatabase:
             data=json.dumps(body).encode(),
             headers={"Content-Type": "application/json"},
         )
-        with urllib.request.urlopen(req, timeout=self.timeout) as r:
-            return json.loads(_read_capped(r, MAX_RESPONSE_BYTES, f"{self.url}/{endpoint}"))
+        try:
+            with urllib.request.urlopen(req, timeout=self.timeout) as r:
+                return json.loads(_read_capped(r, MAX_RESPONSE_BYTES, f"{self.url}/{endpoint}"))
+        except OSError as err:
+            raise ValueError(f"the remote database {self.url} did not answer /{endpoint}: {err}") from err
 
     def indices(self) -> list[str]:
         with urllib.request.urlopen(f"{self.url}/indices-list", timeout=self.timeout) as r:
@@ -84,6 +89,10 @@ class RemoteDatabase:
                     "use_violence_detector": False,
                 },
             )
+            if not isinstance(results, list):
+                raise ValueError(
+                    f"{self.url}/knn-service answered {str(results)[:200]!r} instead of a list of results"
+                )
             for j, hit in enumerate(results[:k]):
                 image_id = int(hit.get("image_id", hit["id"]))
                 ids[i, j], scores[i, j] = image_id, hit["similarity"]
@@ -103,7 +112,11 @@ class RemoteDatabase:
         return pd.DataFrame([{"image_id": int(i), **self._seen[int(i)]} for i in image_ids])
 
     def embeddings(self, image_ids: np.ndarray) -> np.ndarray:
-        """[n, D] float32: the images behind the ids, fetched by url (guarded) and embedded with the CLIP."""
+        """[n, D] float32: the images behind the ids, fetched by url (guarded) and embedded with the CLIP.
+
+        An image that cannot be fetched or decoded (dead links are common in web indexes) gives a zero row,
+        which callers treat as a missing neighbour; a warning names it.
+        """
         from PIL import Image
 
         from pipelines.safe_fetch import FetchPolicy, guarded_opener
@@ -113,12 +126,20 @@ class RemoteDatabase:
         opener = guarded_opener(
             FetchPolicy(allow_private_network=self.allow_private_network, allowed_networks=self.allow_network)
         )
-        urls = self.metadata(image_ids)["url"]
-        pixels = []
-        for url in urls:
-            with opener.open(url, timeout=self.timeout) as r:
-                image = Image.open(io.BytesIO(r.read())).convert("RGB")
-            pixels.append(encoder.preprocess(image))
         import torch
 
-        return encoder.encode_images(torch.stack(pixels)).numpy()
+        urls = list(self.metadata(image_ids)["url"])
+        pixels, fetched = [], []
+        for i, url in enumerate(urls):
+            try:
+                with opener.open(url, timeout=self.timeout) as r:
+                    image = Image.open(io.BytesIO(r.read())).convert("RGB")
+            except (OSError, ValueError) as err:  # refused, unreachable, too big, not an image
+                log.warning("neighbour image %s skipped: %s", url, err)
+                continue
+            pixels.append(encoder.preprocess(image))
+            fetched.append(i)
+        out = np.zeros((len(urls), encoder.dim), np.float32)
+        if pixels:
+            out[fetched] = encoder.encode_images(torch.stack(pixels)).numpy()
+        return out

@@ -12,6 +12,16 @@ os.environ.setdefault("RAY_DEDUP_LOGS", "0")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
+@pytest.fixture(scope="session", autouse=True)
+def isolated_environment(tmp_path_factory):
+    """No test reads or writes the user's catalogue or head folder."""
+    saved = {k: os.environ.pop(k, None) for k in ("KNN_DIFFUSION_CATALOGUE", "KNN_DIFFUSION_AESTHETIC_DIR")}
+    os.environ["KNN_DIFFUSION_CATALOGUE"] = str(tmp_path_factory.mktemp("catalogue") / "catalogue.json")
+    yield
+    os.environ.pop("KNN_DIFFUSION_CATALOGUE", None)
+    os.environ.update({k: v for k, v in saved.items() if v is not None})
+
+
 @pytest.fixture(scope="session")
 def ray_session():
     """One local Ray for the whole test session (starting Ray costs seconds)."""

@@ -144,7 +144,10 @@ def test_scores_are_a_column_beside_the_metadata(scored_db):
 @pytest.mark.parametrize("bands", [None, "-5-4.6,4.6-4.8,4.8-20,100-200"])
 def test_bands_hold_exactly_the_ids_in_their_range(scored_db, bands):
     path, emb, ids, _, root = scored_db
-    config = SubindexConfig(db=path, quantile_bins=None if bands else 5, bands=bands, index_key="Flat")
+    cat = str(root / "catalogue.json")
+    config = SubindexConfig(
+        db=path, quantile_bins=None if bands else 5, bands=bands, index_key="Flat", catalogue=cat
+    )
     subindex(config)
     db = Database.open(path)
     s = db.aesthetic_scores(ids)
@@ -167,10 +170,15 @@ def test_bands_hold_exactly_the_ids_in_their_range(scored_db, bands):
             assert (db.search(emb[:2], k=3, band=pos).ids == -1).all()
     if not bands:  # equal quantile bins: 400 images each, together all of them
         assert [b.count for b in db.bands] == [400] * 5
-    entry = catalogue.load(str(root / "catalogue.json"))["databases"]["db"]
+    entry = catalogue.load(cat)["databases"]["db"]
     assert entry["kind"] == "local" and [b["count"] for b in entry["bands"]] == [b.count for b in db.bands]
-    opened = catalogue.open_database("db", catalogue=str(root / "catalogue.json"))
+    opened = catalogue.open_database("db", catalogue=cat)
     assert isinstance(opened, Database) and opened.path == os.path.abspath(path)
+    other = root / "elsewhere" / "db"  # another database may not silently take the name
+    shutil.copytree(path, other)
+    with pytest.raises(ValueError, match="already names 'db'"):
+        subindex(SubindexConfig(db=str(other), quantile_bins=2, index_key="Flat", catalogue=cat))
+    shutil.rmtree(other.parent)
     with pytest.raises(ValueError, match="no band"):
         db.search(emb[:1], 3, band="nope")
 
@@ -202,6 +210,13 @@ def test_fit_learns_a_rating_rule_and_reports_held_out_error(scored_db, tmp_path
         )
     )
     assert mlp["holdout_mse"] < mlp["holdout_mse_of_mean"]
+    # ratings given with their embeddings (no database) train the same way
+    with_emb = tmp_path / "with_emb.parquet"
+    pd.DataFrame({"embedding": list(emb[:300]), "rating": ratings[:300]}).to_parquet(with_emb)
+    direct = fit(
+        FitConfig(ratings=str(with_emb), output_head=str(tmp_path / "direct.pt"), clip_model="open_clip:ViT-B-32/openai")
+    )
+    assert direct["num_train"] == 270 and direct["clip_model"] == "open_clip:ViT-B-32/openai"
     # scoring the database with the fitted head replaces the LAION scores only when asked to
     with pytest.raises(ValueError, match="--overwrite"):
         score(ScoreConfig(db=path, head=out))

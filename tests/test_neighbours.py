@@ -71,6 +71,14 @@ def test_rerun_skips_finished_shards_and_refuses_other_settings(ivf_db, tmp_path
     assert len(read_table(out)["image_id"]) == NUM
     with pytest.raises(ValueError, match="other settings"):
         compute(NeighboursConfig(db=path, output=out, k=5))
+    index_path = os.path.join(path, "image.index")  # a rebuilt index must not be mixed into the old table
+    stat = os.stat(index_path)
+    os.utime(index_path, ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))
+    try:
+        with pytest.raises(ValueError, match="another index build"):
+            compute(config)
+    finally:
+        os.utime(index_path, ns=(stat.st_atime_ns, stat.st_mtime_ns))
 
 
 def test_inline_embeddings_and_band_source(ivf_db, tmp_path):

@@ -159,6 +159,9 @@ def train_loop_per_worker(cfg: dict[str, Any]) -> None:
                 marker = os.path.join(config.output, ".crashed_once")
                 if not os.path.exists(marker):
                     open(marker, "w").close()
+                    time.sleep(
+                        2
+                    )  # let the controller register the reports so far, as it would before a real loss
                     os.kill(os.getpid(), 9)  # SIGKILL: no cleanup, as a lost node would
             tic = time.perf_counter()
 

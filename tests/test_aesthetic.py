@@ -214,7 +214,11 @@ def test_fit_learns_a_rating_rule_and_reports_held_out_error(scored_db, tmp_path
     with_emb = tmp_path / "with_emb.parquet"
     pd.DataFrame({"embedding": list(emb[:300]), "rating": ratings[:300]}).to_parquet(with_emb)
     direct = fit(
-        FitConfig(ratings=str(with_emb), output_head=str(tmp_path / "direct.pt"), clip_model="open_clip:ViT-B-32/openai")
+        FitConfig(
+            ratings=str(with_emb),
+            output_head=str(tmp_path / "direct.pt"),
+            clip_model="open_clip:ViT-B-32/openai",
+        )
     )
     assert direct["num_train"] == 270 and direct["clip_model"] == "open_clip:ViT-B-32/openai"
     # scoring the database with the fitted head replaces the LAION scores only when asked to

@@ -163,7 +163,6 @@ def main(argv: list[str] | None = None) -> dict:
         log_every=per_window,
         checkpoint_every=per_window * args.windows,
         num_workers=1,
-        shuffle_buffer=4 * args.batch_size,
     )
     train(config)
     rows = read_metrics(os.path.join(out, "metrics.csv"))[1:]

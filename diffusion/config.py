@@ -80,8 +80,12 @@ class TrainConfig:
     db: the database folder (its CLIP embeddings condition the model); neighbours: its neighbour tables.
     shards: the image shards (default: the ones database.json records). output: run folder (checkpoints, logs).
     steps: optimizer steps in total; batch_size_per_worker: images per worker per step.
+    shuffle_buffer: rows mixed across parts on each worker (0: parts come in a new order each epoch and
+    their rows shuffled, which is enough when shards are random subsets of the URL list).
     checkpoint_every, log_every: in steps. num_timesteps: diffusion steps T. ema_decay: EMA of the weights.
     precision: auto (bf16 autocast on CUDA/AMX CPUs), fp32 or bf16. max_failures: worker failures survived.
+    cpus_per_worker: CPUs Ray reserves per worker; default: a node's share minus half a CPU, which is left
+    to the data-loading tasks (Ray Data cannot run on CPUs the workers hold). Torch uses the whole share.
     crash_at_step: fault injection for recovery tests: the last worker SIGKILLs itself once at this step.
     """
 
@@ -101,10 +105,11 @@ class TrainConfig:
     checkpoint_every: int = 500
     log_every: int = 25
     num_workers: int = 1
+    cpus_per_worker: float | None = None
     use_gpu: bool = False
     precision: str = "auto"
     max_failures: int = 3
-    shuffle_buffer: int = 2048
+    shuffle_buffer: int = 0
     seed: int = 0
     crash_at_step: int | None = None
 

@@ -14,6 +14,7 @@ import io
 import json
 import os
 import tarfile
+import zlib
 from typing import Any
 
 import fsspec
@@ -76,6 +77,7 @@ def load_part(batch: dict[str, np.ndarray], db: str, image_size: int, k: int) ->
     from pipelines.neighbours import read_table
 
     item = {key: str(batch[key][0]) for key in ("tar", "emb", "meta", "neighbours")}
+    epoch = int(batch["epoch"][0]) if "epoch" in batch else 0
     images: dict[int, bytes] = {}
     with fsspec.open(item["tar"], "rb") as f, tarfile.open(fileobj=f, mode="r|") as tar:
         for member in tar:
@@ -105,12 +107,13 @@ def load_part(batch: dict[str, np.ndarray], db: str, image_size: int, k: int) ->
     missing = [int(i) for i in ids if int(i) not in images]
     if missing:
         raise ValueError(f"{item['tar']} lacks images {missing[:5]} that the database lists; re-run embed")
+    order = np.random.default_rng([zlib.crc32(item["tar"].encode()), epoch]).permutation(len(ids))
     return {
-        "image": np.stack([_decode(images[int(i)], image_size) for i in ids]),
-        "query": emb.astype(np.float32),
-        "neighbours": nb_emb.astype(np.float16),
-        "valid": valid,
-        "image_id": ids.astype(np.int64),
+        "image": np.stack([_decode(images[int(ids[i])], image_size) for i in order]),
+        "query": emb[order].astype(np.float32),
+        "neighbours": nb_emb[order].astype(np.float16),
+        "valid": valid[order],
+        "image_id": ids[order].astype(np.int64),
     }
 
 
@@ -128,5 +131,5 @@ def make_dataset(config: TrainConfig) -> Any:
             "image_size": config.model.image_size,
             "k": config.model.k,
         },
-        num_cpus=0.5,
+        num_cpus=0.1,  # decoding a part takes ~0.1 s: several may run ahead within the data CPU budget
     )

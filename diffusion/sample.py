@@ -64,11 +64,13 @@ class SampleConfig:
 
 def load_model(checkpoint: str, use_ema: bool = True) -> tuple[torch.nn.Module, TrainConfig, int]:
     """(model in eval mode, its training config, its step) from a run folder or state.pt (weights_only)."""
+    import fsspec
+
     from diffusion.model import KnnDenoiser
     from diffusion.train import latest_checkpoint
 
-    path = latest_checkpoint(checkpoint)
-    state = torch.load(path, map_location="cpu", weights_only=True)
+    with fsspec.open(latest_checkpoint(checkpoint)) as f:
+        state = torch.load(f, map_location="cpu", weights_only=True)
     config = TrainConfig.from_dict(json.loads(state["config"]))
     model = KnnDenoiser(config.model)
     model.load_state_dict(state["ema" if use_ema else "model"])

@@ -13,18 +13,22 @@ import csv
 import io
 import json
 import logging
+import math
 import os
 import tempfile
 import time
 from contextlib import nullcontext
 from typing import Any
 
+import fsspec
 import torch
 
 from diffusion.config import TrainConfig
+from pipelines.atomic import atomic_write_bytes
 
 log = logging.getLogger(__name__)
 STATE_FILE = "state.pt"
+RESUMABLE_CHANGES = ("steps", "num_workers", "cpus_per_worker", "use_gpu", "max_failures", "crash_at_step")
 METRIC_FIELDS = (
     "step",
     "loss",
@@ -72,6 +76,8 @@ def train_loop_per_worker(cfg: dict[str, Any]) -> None:
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     device = ray.train.torch.get_device()
+    if config.cpus_per_worker:  # the worker's whole share (train() reserves half a CPU less for data loading)
+        torch.set_num_threads(max(1, math.ceil(config.cpus_per_worker)))
     torch.manual_seed(config.seed)
     model = KnnDenoiser(config.model)
     ema = ModelEmaV3(model, decay=config.ema_decay)
@@ -94,14 +100,15 @@ def train_loop_per_worker(cfg: dict[str, Any]) -> None:
     amp = autocast_dtype(device, config.precision)
     shard = ray.train.get_dataset_shard("train")
     window: dict[str, float] = {"loss": 0.0, "n": 0, "wait": 0.0, "start": time.perf_counter()}
-    while step < config.steps:
+    while step < config.steps:  # the dataset holds enough epochs; the loop restarts only if it ran short
         tic = time.perf_counter()
         for batch in shard.iter_torch_batches(
             batch_size=config.batch_size_per_worker,
-            local_shuffle_buffer_size=config.shuffle_buffer,
+            local_shuffle_buffer_size=config.shuffle_buffer or None,
             local_shuffle_seed=config.seed + rank + step,
             drop_last=True,
             device=device,
+            prefetch_batches=8,
         ):
             window["wait"] += time.perf_counter() - tic
             x0 = batch["image"].permute(0, 3, 1, 2).float() / 127.5 - 1
@@ -156,9 +163,9 @@ def train_loop_per_worker(cfg: dict[str, Any]) -> None:
             if step >= config.steps:
                 break
             if config.crash_at_step == step and rank == world - 1:
-                marker = os.path.join(config.output, ".crashed_once")
-                if not os.path.exists(marker):
-                    open(marker, "w").close()
+                fs, marker = fsspec.core.url_to_fs(_join(config.output, ".crashed_once"))
+                if not fs.exists(marker):
+                    fs.touch(marker)
                     time.sleep(
                         2
                     )  # let the controller register the reports so far, as it would before a real loss
@@ -174,7 +181,7 @@ def _metrics_callback(config: TrainConfig) -> Any:
         """On the controller: average the workers' reports into <output>/metrics.csv and show progress."""
 
         def __init__(self) -> None:
-            self.path = os.path.join(config.output, "metrics.csv")
+            self.path = _join(config.output, "metrics.csv")
             self.bar: Any = None
             self.start = time.time()
 
@@ -202,10 +209,15 @@ def _metrics_callback(config: TrainConfig) -> Any:
     return MetricsLog()
 
 
+def _join(run: str, name: str) -> str:
+    return f"{run.rstrip('/')}/{name}"
+
+
 def read_metrics(path: str) -> list[dict[str, float]]:
-    if not os.path.exists(path):
+    fs, p = fsspec.core.url_to_fs(path)
+    if not fs.exists(p):
         return []
-    with open(path) as f:
+    with fs.open(p, "r") as f:
         return [{k: float(v) for k, v in r.items()} for r in csv.DictReader(f)]
 
 
@@ -214,10 +226,8 @@ def write_metrics(path: str, rows: list[dict[str, float]]) -> None:
     writer = csv.DictWriter(buf, fieldnames=METRIC_FIELDS)
     writer.writeheader()
     writer.writerows(rows)
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "w") as f:
-        f.write(buf.getvalue())
-    os.replace(tmp, path)
+    fs, p = fsspec.core.url_to_fs(path)
+    atomic_write_bytes(fs, p, buf.getvalue().encode())
 
 
 def plot_loss(rows: list[dict[str, float]], path: str, size: tuple[int, int] = (640, 360)) -> None:
@@ -247,7 +257,10 @@ def plot_loss(rows: list[dict[str, float]], path: str, size: tuple[int, int] = (
         draw.text((left, bottom + 8), f"step {int(s0)}", fill="black")
         draw.text((right - 80, bottom + 8), f"step {int(s1)}", fill="black")
     draw.text((left + 5, 3), "training loss", fill="black")
-    img.save(path)
+    buf = io.BytesIO()
+    img.save(buf, format="PNG")
+    fs, p = fsspec.core.url_to_fs(path)
+    atomic_write_bytes(fs, p, buf.getvalue())
 
 
 def train(config: TrainConfig, ray_address: str | None = None) -> dict[str, Any]:
@@ -259,32 +272,38 @@ def train(config: TrainConfig, ray_address: str | None = None) -> dict[str, Any]
     from pipelines.ray_env import init_ray
 
     start = time.time()
-    output = os.path.abspath(config.output)
+    output = config.output if "://" in config.output else os.path.abspath(config.output)
     config.output = output
-    os.makedirs(output, exist_ok=True)
-    config_path = os.path.join(output, "config.json")
-    if os.path.exists(config_path):
-        with open(config_path) as f:
+    fs, root = fsspec.core.url_to_fs(output)
+    fs.makedirs(root, exist_ok=True)
+    config_path = f"{root}/config.json"
+    if fs.exists(config_path):
+        with fs.open(config_path) as f:
             previous = json.load(f)
-        changed = {
-            k
-            for k in previous
-            if k not in ("steps", "num_workers", "use_gpu") and previous[k] != config.to_dict()[k]
-        }
+        now = config.to_dict()
+        changed = {k for k in previous if k not in RESUMABLE_CHANGES and previous[k] != now.get(k)}
         if changed:
             raise ValueError(
                 f"--output {output} holds a run with other settings ({sorted(changed)}); use another --output"
             )
-    with open(config_path + ".tmp", "w") as f:
-        json.dump(config.to_dict(), f, indent=2)
-    os.replace(config_path + ".tmp", config_path)
+    atomic_write_bytes(fs, config_path, json.dumps(config.to_dict(), indent=2).encode())
     init_ray(ray_address)
+    if config.cpus_per_worker is None:
+        from pipelines.ray_env import node_cpus
+
+        cpus = node_cpus()
+        share = min(cpus) / -(-config.num_workers // len(cpus))
+        config.cpus_per_worker = max(0.5, share - 0.5)
     dataset = make_dataset(config)
     log.info("training %s", json.dumps(config.to_dict()))
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config=config.to_dict(),
-        scaling_config=ScalingConfig(num_workers=config.num_workers, use_gpu=config.use_gpu),
+        scaling_config=ScalingConfig(
+            num_workers=config.num_workers,
+            use_gpu=config.use_gpu,
+            resources_per_worker={"CPU": config.cpus_per_worker, **({"GPU": 1} if config.use_gpu else {})},
+        ),
         run_config=RunConfig(
             name="ray_train",
             storage_path=output,
@@ -295,8 +314,8 @@ def train(config: TrainConfig, ray_address: str | None = None) -> dict[str, Any]
         datasets={"train": dataset},
     )
     result = trainer.fit()
-    rows = read_metrics(os.path.join(output, "metrics.csv"))
-    plot_loss(rows, os.path.join(output, "loss.png"))
+    rows = read_metrics(_join(output, "metrics.csv"))
+    plot_loss(rows, _join(output, "loss.png"))
     last = rows[-1] if rows else {}
     ckpt = result.checkpoint.path if result.checkpoint else None
     print(
@@ -309,20 +328,20 @@ def train(config: TrainConfig, ray_address: str | None = None) -> dict[str, Any]
 
 
 def latest_checkpoint(run: str) -> str:
-    """The state.pt of the highest step under a run folder (or the path itself if it is a state.pt / folder)."""
-    if os.path.isfile(run):
+    """The state.pt of the highest step under a run folder or URI (or the path itself if it is a state.pt)."""
+    fs, root = fsspec.core.url_to_fs(run)
+    if fs.isfile(root):
         return run
-    if os.path.exists(os.path.join(run, STATE_FILE)):
-        return os.path.join(run, STATE_FILE)
-    best, best_step = None, -1
-    for root, _, files in os.walk(run):
-        if STATE_FILE in files:
-            path = os.path.join(root, STATE_FILE)
-            step = int(torch.load(path, map_location="cpu", weights_only=True)["step"])
-            if step > best_step:
-                best, best_step = path, step
-    if best is None:
+    found = [p for p in fs.find(root) if p.rsplit("/", 1)[-1] == STATE_FILE] if fs.exists(root) else []
+    if not found:
         raise FileNotFoundError(
             f"--checkpoint {run} holds no {STATE_FILE}; train first (`knn-diffusion train`)"
         )
-    return best
+    # checkpoint folders are named checkpoint_<timestamp>; the step inside decides, the newest wins a tie
+    best = max(found, key=lambda p: (_step_of(fs, p), p))
+    return fs.unstrip_protocol(best) if "://" in run else best
+
+
+def _step_of(fs: Any, path: str) -> int:
+    with fs.open(path) as f:
+        return int(torch.load(f, map_location="cpu", weights_only=True)["step"])

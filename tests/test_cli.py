@@ -91,3 +91,25 @@ def test_aesthetic_and_neighbour_errors_name_the_flag(tmp_path, capsys):
     assert "--k" in capsys.readouterr().err
     assert main(["neighbours", "--db", db]) == 2  # no index built yet
     assert "knn-diffusion index" in capsys.readouterr().err
+
+
+def test_train_and_sample_errors_name_the_flag(tmp_path, capsys):
+    assert main(["train", "--config", str(tmp_path / "missing.yaml"), "--db", "d", "--neighbours", "n"]) == 2
+    assert "--config" in capsys.readouterr().err
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("model:\n  preset: tiny\nstepz: 3\n")
+    assert main(["train", "--config", str(bad), "--db", "d", "--neighbours", "n", "--output", "o"]) == 2
+    assert "unknown keys ['stepz']" in capsys.readouterr().err
+    args = [
+        "sample",
+        "--checkpoint",
+        str(tmp_path),
+        "--database",
+        str(tmp_path),
+        "--output",
+        str(tmp_path / "o"),
+    ]
+    assert main([*args, "--prompt", "x", "--sampler", "euler"]) == 2
+    assert "--sampler" in capsys.readouterr().err
+    assert main([*args, "--prompt", "x"]) == 2  # no checkpoint there
+    assert "knn-diffusion train" in capsys.readouterr().err

@@ -106,14 +106,14 @@ def bare_loop(config, windows: int) -> list[float]:  # type: ignore[no-untyped-d
     n = len(rows["image"])
     torch.manual_seed(config.seed)
     model = KnnDenoiser(config.model)
-    ema = ModelEmaV3(model, decay=config.ema_decay)
+    ema = ModelEmaV3(model, decay=config.ema_decay, use_warmup=True)  # short runs: the decay ramps up
     opt = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
     abar = cosine_alphas_cumprod(config.num_timesteps).float()
     gen = torch.Generator().manual_seed(config.seed)
     amp = autocast_dtype(torch.device("cpu"), config.precision)
     bs = config.batch_size_per_worker
     per_window = config.steps // windows
-    rates, order, pos = [], torch.randperm(n), 0
+    rates, order, pos, step = [], torch.randperm(n), 0, 0
     for _ in range(windows):
         start = time.perf_counter()
         for _ in range(per_window):
@@ -136,7 +136,8 @@ def bare_loop(config, windows: int) -> list[float]:  # type: ignore[no-untyped-d
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
             opt.step()
-            ema.update(model)
+            ema.update(model, step=step)
+            step += 1
         rates.append(per_window * bs / (time.perf_counter() - start))
     return rates
 

@@ -80,7 +80,7 @@ def train_loop_per_worker(cfg: dict[str, Any]) -> None:
         torch.set_num_threads(max(1, math.ceil(config.cpus_per_worker)))
     torch.manual_seed(config.seed)
     model = KnnDenoiser(config.model)
-    ema = ModelEmaV3(model, decay=config.ema_decay)
+    ema = ModelEmaV3(model, decay=config.ema_decay, use_warmup=True)  # short runs: the decay ramps up
     opt = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
     step = 0
     checkpoint = ray.train.get_checkpoint()

@@ -31,6 +31,20 @@ def part_items(config: TrainConfig) -> list[dict[str, str]]:
         raise FileNotFoundError(f"--db {config.db} has no database.json; run `knn-diffusion embed` first")
     with open(info_path) as f:
         info = json.load(f)
+    if int(info["dim"]) != config.model.cond_dim:
+        raise ValueError(
+            f"--db {config.db} holds {info['dim']}-d embeddings ({info['clip_model']}) but the model's cond_dim is "
+            f"{config.model.cond_dim}; set model: cond_dim: {info['dim']} in --config"
+        )
+    nb_settings = os.path.join(config.neighbours, "neighbours.json")
+    if os.path.exists(nb_settings):
+        with open(nb_settings) as f:
+            table_k = int(json.load(f)["k"])
+        if table_k < config.model.k:
+            raise ValueError(
+                f"--neighbours {config.neighbours} holds k={table_k} neighbours per image but the model needs "
+                f"k={config.model.k}; recompute with `knn-diffusion neighbours --k {config.model.k}` or lower model: k"
+            )
     shards = config.shards or info.get("shards")
     if not shards:
         raise ValueError(f"--db {config.db} does not record its shards; pass --shards")
@@ -117,12 +131,41 @@ def load_part(batch: dict[str, np.ndarray], db: str, image_size: int, k: int) ->
     }
 
 
-def make_dataset(config: TrainConfig) -> Any:
-    """The streaming training dataset (one Ray Data task per part; rows as load_part describes)."""
+def epoch_items(
+    items: list[dict[str, str]], num_epochs: int, seed: int, first_epoch: int = 0
+) -> list[dict[str, Any]]:
+    """The work items of epochs first_epoch .. first_epoch + num_epochs - 1, one after the other, the parts in a
+    new seeded order each epoch; each item carries its epoch, which seeds the row order inside its part."""
+    out: list[dict[str, Any]] = []
+    for epoch in range(first_epoch, first_epoch + num_epochs):
+        order = np.random.default_rng([seed, epoch]).permutation(len(items))
+        out.extend({**items[i], "epoch": epoch} for i in order)
+    return out
+
+
+def num_rows(items: list[dict[str, str]]) -> int:
+    """Training rows in the parts (from the metadata parquet footers; no data read)."""
+    total = 0
+    for item in items:
+        with fsspec.open(item["meta"], "rb") as f:
+            total += pq.ParquetFile(f).metadata.num_rows
+    return total
+
+
+def make_dataset(config: TrainConfig, start_step: int = 0) -> Any:
+    """The streaming training dataset: every epoch the run still needs, as one stream (one Ray Data task per
+    part and epoch; rows as load_part describes). One stream, not one dataset per epoch, so the pipeline
+    starts once and keeps reading ahead across epoch boundaries."""
     import ray
 
     items = part_items(config)
-    ds = ray.data.from_items(items)
+    rows = num_rows(items)
+    per_epoch = max(1, rows // (config.batch_size_per_worker * config.num_workers))  # steps (drop_last)
+    first_epoch = start_step // per_epoch
+    num_epochs = (
+        max(0, -(-(config.steps - start_step) // per_epoch)) + 1
+    )  # +1: a split may run short of an epoch
+    ds = ray.data.from_items(epoch_items(items, num_epochs, config.seed, first_epoch))
     return ds.map_batches(
         load_part,
         batch_size=1,

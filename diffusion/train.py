@@ -100,7 +100,7 @@ def train_loop_per_worker(cfg: dict[str, Any]) -> None:
     amp = autocast_dtype(device, config.precision)
     shard = ray.train.get_dataset_shard("train")
     window: dict[str, float] = {"loss": 0.0, "n": 0, "wait": 0.0, "start": time.perf_counter()}
-    while step < config.steps:  # the dataset holds enough epochs; the loop restarts only if it ran short
+    while step < config.steps:  # the stream holds the epochs needed; it restarts only if a split ran short
         tic = time.perf_counter()
         for batch in shard.iter_torch_batches(
             batch_size=config.batch_size_per_worker,
@@ -268,10 +268,11 @@ def train(config: TrainConfig, ray_address: str | None = None) -> dict[str, Any]
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    from diffusion.data import make_dataset
+    from diffusion.data import make_dataset, part_items
     from pipelines.ray_env import init_ray
 
     start = time.time()
+    part_items(config)  # check the inputs (files, dimensions, k) before anything is written or started
     output = config.output if "://" in config.output else os.path.abspath(config.output)
     config.output = output
     fs, root = fsspec.core.url_to_fs(output)
@@ -294,7 +295,7 @@ def train(config: TrainConfig, ray_address: str | None = None) -> dict[str, Any]
         cpus = node_cpus()
         share = min(cpus) / -(-config.num_workers // len(cpus))
         config.cpus_per_worker = max(0.5, share - 0.5)
-    dataset = make_dataset(config)
+    dataset = make_dataset(config, start_step=_resume_step(output))
     log.info("training %s", json.dumps(config.to_dict()))
     trainer = TorchTrainer(
         train_loop_per_worker,
@@ -340,6 +341,16 @@ def latest_checkpoint(run: str) -> str:
     # checkpoint folders are named checkpoint_<timestamp>; the step inside decides, the newest wins a tie
     best = max(found, key=lambda p: (_step_of(fs, p), p))
     return fs.unstrip_protocol(best) if "://" in run else best
+
+
+def _resume_step(run: str) -> int:
+    """The step a rerun of this run resumes from (0 for a new run)."""
+    try:
+        path = latest_checkpoint(run)
+    except FileNotFoundError:
+        return 0
+    fs, p = fsspec.core.url_to_fs(path)
+    return _step_of(fs, p)
 
 
 def _step_of(fs: Any, path: str) -> int:

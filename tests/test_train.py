@@ -118,3 +118,33 @@ def test_sample_from_any_database_is_deterministic(train_db, tmp_path):
             SampleConfig(checkpoint=run, database=train_db, output=str(tmp_path / "c"), prompts=["x"], k=5)
         )
     assert STATE_FILE in os.listdir(os.path.dirname(latest_checkpoint(run)))
+
+
+def test_epoch_stream_visits_every_part_once_per_epoch_in_a_new_order():
+    from diffusion.data import epoch_items
+
+    items = [{"tar": f"{i:05d}.tar"} for i in range(8)]
+    stream = epoch_items(items, num_epochs=3, seed=0, first_epoch=2)
+    epochs = [[it["tar"] for it in stream if it["epoch"] == e] for e in (2, 3, 4)]
+    assert [sorted(e) for e in epochs] == [[it["tar"] for it in items]] * 3  # each part once per epoch
+    assert len({tuple(e) for e in epochs}) == 3  # a new part order every epoch
+    assert [it["epoch"] for it in stream] == sorted(it["epoch"] for it in stream)  # epochs one after another
+    assert epoch_items(items, 3, seed=0, first_epoch=2) == stream  # seeded
+
+
+def test_one_run_streams_several_epochs_with_rows_reshuffled(train_db, ray_session):
+    """The dataset holds every epoch the run needs; each part's rows come in a new order each epoch."""
+    from diffusion.data import load_part, make_dataset, num_rows, part_items
+
+    config = config_for(train_db, "/unused", steps=12, batch_size_per_worker=8)
+    items = part_items(config)
+    rows = num_rows(items)
+    ids = np.concatenate([b["image_id"] for b in make_dataset(config).iter_batches(batch_size=None)])
+    assert len(ids) >= config.steps * config.batch_size_per_worker  # enough rows for the whole run
+    _, counts = np.unique(ids, return_counts=True)
+    assert len(counts) == rows and len(set(counts)) == 1 and counts[0] >= 2  # every image once per epoch
+    batch = {k: np.array([v]) for k, v in items[0].items()}
+    first, second = (
+        load_part({**batch, "epoch": np.array([e])}, train_db, 16, 4)["image_id"] for e in (0, 1)
+    )
+    assert sorted(first) == sorted(second) and not np.array_equal(first, second)  # rows reshuffled

@@ -84,8 +84,9 @@ class TrainConfig:
     their rows shuffled, which is enough when shards are random subsets of the URL list).
     checkpoint_every, log_every: in steps. num_timesteps: diffusion steps T. ema_decay: EMA of the weights.
     precision: auto (bf16 autocast on CUDA/AMX CPUs), fp32 or bf16. max_failures: worker failures survived.
-    cpus_per_worker: CPUs Ray reserves per worker; default: a node's share minus half a CPU, which is left
-    to the data-loading tasks (Ray Data cannot run on CPUs the workers hold). Torch uses the whole share.
+    cpus_per_worker: CPUs Ray reserves per worker; default: a node's share less one whole CPU, which is left to
+    the data-loading tasks (Ray Data cannot run on CPUs the workers hold, and it is handed only whole CPUs).
+    torch_threads: intra-op threads per worker; default: the node's whole share (data loading is light).
     crash_at_step: fault injection for recovery tests: the last worker SIGKILLs itself once at this step.
     """
 
@@ -106,6 +107,7 @@ class TrainConfig:
     log_every: int = 25
     num_workers: int = 1
     cpus_per_worker: float | None = None
+    torch_threads: int | None = None
     use_gpu: bool = False
     precision: str = "auto"
     max_failures: int = 3

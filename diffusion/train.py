@@ -28,7 +28,15 @@ from pipelines.atomic import atomic_write_bytes
 
 log = logging.getLogger(__name__)
 STATE_FILE = "state.pt"
-RESUMABLE_CHANGES = ("steps", "num_workers", "cpus_per_worker", "use_gpu", "max_failures", "crash_at_step")
+RESUMABLE_CHANGES = (
+    "steps",
+    "num_workers",
+    "cpus_per_worker",
+    "torch_threads",
+    "use_gpu",
+    "max_failures",
+    "crash_at_step",
+)
 METRIC_FIELDS = (
     "step",
     "loss",
@@ -76,8 +84,8 @@ def train_loop_per_worker(cfg: dict[str, Any]) -> None:
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     device = ray.train.torch.get_device()
-    if config.cpus_per_worker:  # the worker's whole share (train() reserves half a CPU less for data loading)
-        torch.set_num_threads(max(1, math.ceil(config.cpus_per_worker)))
+    if config.torch_threads:
+        torch.set_num_threads(config.torch_threads)
     torch.manual_seed(config.seed)
     model = KnnDenoiser(config.model)
     ema = ModelEmaV3(model, decay=config.ema_decay, use_warmup=True)  # short runs: the decay ramps up
@@ -289,12 +297,18 @@ def train(config: TrainConfig, ray_address: str | None = None) -> dict[str, Any]
             )
     atomic_write_bytes(fs, config_path, json.dumps(config.to_dict(), indent=2).encode())
     init_ray(ray_address)
-    if config.cpus_per_worker is None:
+    if config.cpus_per_worker is None or config.torch_threads is None:
         from pipelines.ray_env import node_cpus
 
         cpus = node_cpus()
-        share = min(cpus) / -(-config.num_workers // len(cpus))
-        config.cpus_per_worker = max(0.5, share - 0.5)
+        share = min(cpus) / -(-config.num_workers // len(cpus))  # per worker, on the most loaded node
+        if config.cpus_per_worker is None:
+            # Whole CPUs, one left per node to data loading: Ray Data (2.55) is handed the CPUs Train leaves
+            # free floored to whole numbers (its autoscaling coordinator divides them with //), so a worker
+            # holding 1.5 of 2 CPUs would leave it none, and it would load one part at a time, on demand.
+            config.cpus_per_worker = float(math.floor(share) - 1) if share >= 2 else max(0.5, share - 0.5)
+        if config.torch_threads is None:
+            config.torch_threads = max(1, math.floor(share))
     dataset = make_dataset(config, start_step=_resume_step(output))
     log.info("training %s", json.dumps(config.to_dict()))
     trainer = TorchTrainer(

@@ -245,17 +245,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1, this machine only)"
     )
-    p = sub.add_parser("demo", help="the embedded default: generated images -> download -> embed -> index")
+    desc = (
+        "the embedded default, offline: procedural images served on 127.0.0.1 -> download -> fit a CLIP -> embed "
+        "-> index -> aesthetic bands -> neighbours -> train the generator -> samples -> report.html"
+    )
+    p = sub.add_parser("demo", help=desc, description=desc)
     p.add_argument(
         "--output", default="demo_out", help="folder for everything the demo writes (default: demo_out)"
     )
     p.add_argument(
-        "--num-images", type=int, default=512, help="generated images to serve and download (default: 512)"
+        "--quick", action="store_true", help="the 2-3 minute smoke version (fewer, smaller everything)"
     )
+    p.add_argument("--ray-address", default=None, help=ray_help)
+    desc = "run a whole pipeline described by one YAML config (see configs/demo.yaml); reruns skip finished stages"
+    p = sub.add_parser("run", help=desc, description=desc)
+    p.add_argument("config", help="pipeline YAML: data, clip, aesthetic, generator, sample sections, output")
+    p.add_argument("--output", default=None, help="output folder (overrides the config's output)")
     p.add_argument(
-        "--clip-model",
-        default=None,
-        help="CLIP to embed with; default: a random-init ViT-S-32 checkpoint made locally (no download)",
+        "--quick", action="store_true", help="apply the demo's smoke-test sizes on top of the config"
     )
     p.add_argument("--ray-address", default=None, help=ray_help)
     return parser
@@ -367,12 +374,13 @@ def main(argv: list[str] | None = None) -> int:
         elif args.command == "demo":
             from pipelines.demo import run_demo
 
-            run_demo(
-                args.output,
-                num_images=args.num_images,
-                clip_model=args.clip_model,
-                ray_address=args.ray_address,
-            )
+            run_demo(args.output, quick=args.quick, ray_address=args.ray_address)
+        elif args.command == "run":
+            from pipelines.run import load_config, run_pipeline
+
+            config = load_config(args.config, output=args.output, quick=args.quick)
+            config.ray_address = args.ray_address or config.ray_address
+            run_pipeline(config)
     except (ValueError, FileNotFoundError, KeyError) as err:
         print(f"knn-diffusion {args.command}: error: {err}", file=sys.stderr)
         return 2

@@ -1,0 +1,181 @@
+"""A finished pipeline's output folder -> <output>/report.html + <output>/report/*.png (one picture per prompt
+and target, cut from the sample grids), readable offline in any browser.
+
+Sections: stage wall times; the encoder's held-out retrieval accuracy; samples with the retrieved neighbours
+beside them; the same prompts against the second database (database swap); the same prompts across the
+aesthetic bands; the aesthetic head; the generator's loss curve.
+"""
+
+from __future__ import annotations
+
+import html
+import json
+import os
+import shutil
+from typing import Any
+
+import numpy as np
+from PIL import Image
+
+PAD = 2  # diffusion.sample.grid's padding between tiles
+
+
+def grid_rows(path: str, num_rows: int) -> list[np.ndarray]:
+    """The rows of a sample grid (a row per prompt, tiles separated by PAD white pixels)."""
+    image = np.asarray(Image.open(path).convert("RGB"))
+    tile = (image.shape[0] - PAD) // num_rows - PAD
+    return [
+        image[PAD + r * (tile + PAD) - PAD : PAD + r * (tile + PAD) + tile + PAD] for r in range(num_rows)
+    ]
+
+
+def _save(array: np.ndarray, path: str) -> None:
+    tmp = f"{path}.tmp.png"
+    Image.fromarray(array).save(tmp)
+    os.replace(tmp, path)
+
+
+def _img(src: str, alt: str, height: int = 96) -> str:
+    return f'<img src="{html.escape(src)}" alt="{html.escape(alt)}" style="height:{height}px">'
+
+
+def write_report(
+    out: str,
+    config: Any,
+    timings: dict[str, dict[str, Any]],
+    clip: dict[str, Any],
+    aesthetic: dict[str, Any],
+    trained: dict[str, Any],
+    samples: dict[str, Any],
+    accuracy: dict[str, Any],
+) -> str:
+    """Write report.html (atomically) and its pictures; returns the report's path."""
+    pics = os.path.join(out, "report")
+    os.makedirs(pics, exist_ok=True)
+    prompts = list(config.sample.prompts)
+    cells: dict[
+        str, dict[str, list[str]]
+    ] = {}  # target -> {"samples": [src per prompt], "neighbours": [...]}
+    records: dict[str, dict[str, Any]] = {}
+    for name, target in samples["targets"].items():
+        folder = target["folder"]
+        with open(os.path.join(folder, "samples.json")) as f:
+            records[name] = json.load(f)
+        cells[name] = {}
+        for kind in ("grid", "neighbours"):
+            path = os.path.join(folder, f"{kind}.png")
+            if not os.path.exists(path):
+                continue
+            srcs = []
+            for i, row in enumerate(grid_rows(path, len(prompts))):
+                src = f"report/{name}_{kind}_{i}.png"
+                _save(row, os.path.join(out, src))
+                srcs.append(src)
+            cells[name][kind] = srcs
+    loss_src = "report/loss.png"
+    if os.path.exists(os.path.join(out, "run", "loss.png")):
+        shutil.copyfile(os.path.join(out, "run", "loss.png"), os.path.join(out, loss_src))
+
+    h: list[str] = []
+    add = h.append
+    add("<!doctype html><html><head><meta charset='utf-8'><title>kNN-Diffusion report</title><style>")
+    add(
+        "body{font-family:sans-serif;max-width:1400px;margin:2em auto;padding:0 1em}"
+        "table{border-collapse:collapse;margin:1em 0}td,th{border:1px solid #ccc;padding:4px 8px;"
+        "vertical-align:middle;text-align:left}img{image-rendering:pixelated}.p{max-width:260px}"
+        "caption{text-align:left;color:#555;padding:4px 0}"
+    )
+    add("</style></head><body><h1>kNN-Diffusion: pipeline report</h1>")
+    add(
+        f"<p>Output folder <code>{html.escape(out)}</code>; config <code>config.yaml</code> beside this file.</p>"
+    )
+
+    add("<h2>Stages</h2><table><tr><th>stage</th><th>wall time</th><th></th></tr>")
+    for stage, t in timings.items():
+        note = "skipped now (finished in an earlier run)" if t["skipped"] else ""
+        add(f"<tr><td>{stage}</td><td>{t['seconds']:.1f} s</td><td>{note}</td></tr>")
+    total = sum(t["seconds"] for t in timings.values())
+    add(f"<tr><th>total</th><th>{total:.1f} s</th><th></th></tr></table>")
+
+    add("<h2>Encoder: text &rarr; image retrieval on held-out captions</h2>")
+    add(
+        f"<p>CLIP <code>{html.escape(clip['clip_model'])}</code>. The {accuracy['num_pairs']} (caption, image) pairs "
+        "of the held-out shards were never seen in the CLIP's training. Recall@k: the caption's own image is among "
+        "the k nearest of all held-out images.</p><table><tr><th></th>"
+    )
+    ks = list(accuracy["text_to_image"])
+    add("".join(f"<th>R@{k}</th>" for k in ks) + "</tr>")
+    for key, label in (
+        ("text_to_image", "text &rarr; image"),
+        ("image_to_text", "image &rarr; text"),
+        ("chance", "chance"),
+    ):
+        if key in accuracy:
+            add(f"<tr><td>{label}</td>" + "".join(f"<td>{accuracy[key][k]:.3f}</td>" for k in ks) + "</tr>")
+    add("</table>")
+
+    def sample_table(names: list[str], title: str, headers: list[str], show_neighbours: bool) -> None:
+        add(f"<h2>{title}</h2><table><tr><th>prompt</th>")
+        for head in headers:
+            add(f"<th>{html.escape(head)}</th>")
+            if show_neighbours:
+                add(f"<th>{html.escape(head)}: retrieved neighbours</th>")
+        add("</tr>")
+        for i, prompt in enumerate(prompts):
+            add(f"<tr><td class='p'>{html.escape(prompt)}</td>")
+            for name in names:
+                c = cells.get(name, {})
+                add(f"<td>{_img(c['grid'][i], prompt) if 'grid' in c else ''}</td>")
+                if show_neighbours:
+                    add(f"<td>{_img(c['neighbours'][i], 'neighbours', 48) if 'neighbours' in c else ''}</td>")
+            add("</tr>")
+        add("</table>")
+
+    gen = config.generator
+    add(
+        f"<p>Generator: preset {gen.preset}, {gen.steps} steps; samples with guidance {config.sample.guidance}, "
+        f"{config.sample.steps} {config.sample.sampler} steps, seed {config.sample.seed}. Each row's condition is the "
+        "prompt's CLIP text embedding plus the image embeddings of its k nearest images in the database named.</p>"
+    )
+    sample_table(["main"], "Samples (main database)", ["samples"], show_neighbours=True)
+    if "ood" in cells:
+        sample_table(
+            ["main", "ood"],
+            "Database swap: the same model and prompts, neighbours from the second database",
+            [f"main database ({config.data.style})", f"second database ({config.data.ood_style})"],
+            show_neighbours=True,
+        )
+    bands = [b for b in aesthetic["bands"] if f"band_{b['name']}" in cells]
+    if bands:
+
+        def bounds(b: dict[str, Any]) -> str:
+            lo = "-inf" if b["lower"] is None else f"{b['lower']:.2f}"
+            hi = "inf" if b["upper"] is None else f"{b['upper']:.2f}"
+            return f"{b['name']}: [{lo}, {hi}), {b['count']} images"
+
+        sample_table(
+            [f"band_{b['name']}" for b in bands],
+            "Aesthetic bands: neighbours retrieved only from one band (lowest to highest)",
+            [bounds(b) for b in bands],
+            show_neighbours=True,
+        )
+    fit = aesthetic.get("fit") or {}
+    add(f"<h2>Aesthetic head</h2><p>Head <code>{html.escape(str(aesthetic['head']))}</code>.")
+    if fit:
+        add(
+            f" Fitted to the data's ratings: held-out MSE {fit['holdout_mse']:.3f} against "
+            f"{fit['holdout_mse_of_mean']:.3f} for predicting the mean ({fit['num_holdout']} held-out images)."
+        )
+    add("</p>")
+    add(
+        f"<h2>Generator training</h2><p>Final loss {trained['loss']:.4f}, {trained['samples_per_s']:.0f} samples/s, "
+        f"data wait {trained['data_wait_fraction']:.1%}.</p>"
+    )
+    if os.path.exists(os.path.join(out, loss_src)):
+        add(_img(loss_src, "training loss", 360))
+    add("</body></html>")
+    path = os.path.join(out, "report.html")
+    with open(path + ".tmp", "w") as f:
+        f.write("\n".join(h))
+    os.replace(path + ".tmp", path)
+    return path

@@ -1,0 +1,613 @@
+"""A whole pipeline from one YAML config -> two retrieval databases, a fitted CLIP, aesthetic bands, neighbour
+tables, a trained kNN-Diffusion generator, samples and <output>/report.html.
+
+Stages, in order (each is the toolkit's own stage function; nothing is special-cased for the demo):
+
+  data        procedural captioned images in two styles + their URL lists (or the user's URL lists)
+  download    URL list -> webdataset shards, for each database (img2dataset through the guarded fetcher)
+  clip        fit a small CLIP on the main shards with open_clip_train, or name a pretrained one
+  embed       shards -> CLIP embeddings + metadata, for each database
+  index       embeddings -> faiss index (autofaiss), for each database
+  aesthetic   fit a head to the data's ratings (or take LAION's), score every image, quantile-band sub-indexes
+  neighbours  the k nearest neighbours of every image of the main database
+  train       the generator on Ray Train
+  sample      the prompts against the main database, the second one (database swap) and every band
+  evaluate    the encoder's text->image retrieval accuracy on captions held out of its training
+  report      report.html with the pictures
+
+Every stage writes <output>/manifests/<stage>.json last, with its settings, inputs, outputs and wall time. A
+rerun skips a stage whose manifest holds the same settings, and refuses one whose settings changed (naming
+them), so nothing already made is overwritten by a different run. The demo is this config with its defaults.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import time
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+import fsspec
+import yaml
+
+from pipelines.atomic import atomic_write_bytes
+
+log = logging.getLogger(__name__)
+
+DEFAULT_PROMPTS = [
+    "a large red circle in the centre on a plain blue background",
+    "a small yellow star at the top left on a striped purple background",
+    "a large green triangle in the centre on a dotted yellow background",
+    "a medium blue square at the bottom right on a checkered orange background",
+    "a large orange cross in the centre on a plain purple background",
+    "a medium purple circle at the top right on a striped green background",
+]
+
+
+@dataclasses.dataclass
+class DataSettings:
+    """Where the images come from.
+
+    source: "procedural" (the toolkit draws captioned shapes, serves them on 127.0.0.1 for the download
+    stage) or "url_list" (url_list and, for the database swap, ood_url_list: the user's URL lists).
+    num_images, num_images_ood: procedural images in the main and in the second database.
+    style, ood_style: procedural drawing styles of the two databases (the same kind of scenes, another look).
+    image_size: side of the downloaded images [px]. images_per_shard: URLs per shard (unit of work).
+    rating_col: the URL list column holding per-image ratings (for aesthetic.head = fit). seed: scenes.
+    """
+
+    source: str = "procedural"
+    url_list: str | None = None
+    ood_url_list: str | None = None
+    num_images: int = 3000
+    num_images_ood: int = 600
+    style: str = "flat"
+    ood_style: str = "neon"
+    image_size: int = 64
+    images_per_shard: int = 250
+    rating_col: str = "rating"
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.source not in ("procedural", "url_list"):
+            raise ValueError(f"data.source must be procedural or url_list, got {self.source!r}")
+        if self.source == "url_list" and not self.url_list:
+            raise ValueError("data.source is url_list but data.url_list is not set")
+        for name in ("num_images", "image_size", "images_per_shard"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"data.{name} must be >= 1, got {getattr(self, name)}")
+
+
+@dataclasses.dataclass
+class ClipSettings:
+    """The encoder. model: "fit" (train a small CLIP on the main shards with open_clip_train) or a
+    clip-retrieval name, e.g. open_clip:ViT-B-32/openai (needs the internet once). The rest apply to "fit":
+    model_config (open_clip config name or JSON path; default: the toolkit's small one), epochs, batch_size,
+    lr, holdout_fraction (shards kept out of the CLIP's training; the retrieval accuracy is measured on them).
+    """
+
+    model: str = "fit"
+    model_config: str | None = None
+    epochs: int = 12
+    batch_size: int = 128
+    lr: float = 1e-3
+    holdout_fraction: float = 0.1
+
+    def __post_init__(self) -> None:
+        if self.model != "fit" and not self.model.startswith("open_clip:"):
+            raise ValueError(
+                f"clip.model must be fit or an open_clip:<config>/<weights> name, got {self.model!r}"
+            )
+
+
+@dataclasses.dataclass
+class AestheticSettings:
+    """head: "fit" (a linear head fitted to data.rating_col), laion-v1 / laion-v2, or a fitted .pt.
+    head_dir: folder holding the LAION head files (offline). allow_other_weights: as `aesthetic score`.
+    quantile_bins: equal-count aesthetic bands (the paper uses 5). fit_epochs: epochs of the fitted head.
+    """
+
+    head: str = "fit"
+    head_dir: str | None = None
+    allow_other_weights: bool = False
+    quantile_bins: int = 5
+    fit_epochs: int = 200
+
+    def __post_init__(self) -> None:
+        if self.quantile_bins < 1:
+            raise ValueError(f"aesthetic.quantile_bins must be >= 1, got {self.quantile_bins}")
+
+
+@dataclasses.dataclass
+class GeneratorSettings:
+    """The generator's training. preset: tiny, small or paper (diffusion/config.py); model: overrides of the
+    preset's fields (cond_dim is taken from the database). The rest as in diffusion.config.TrainConfig."""
+
+    preset: str = "small"
+    model: dict[str, Any] = dataclasses.field(default_factory=dict)
+    steps: int = 1500
+    batch_size_per_worker: int = 64
+    lr: float = 3e-4
+    warmup_steps: int = 100
+    ema_decay: float = 0.999
+    num_workers: int = 1
+    use_gpu: bool = False
+    log_every: int = 25
+    checkpoint_every: int = 500
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        from diffusion.config import model_config
+
+        model_config(self.preset, **self.model)  # fail now, not after an hour of earlier stages
+
+
+@dataclasses.dataclass
+class SampleSettings:
+    """prompts; guidance (classifier-free scale); steps, sampler (ddim, ddpm, dpmpp_2m); num_per_prompt; seed."""
+
+    prompts: list[str] = dataclasses.field(default_factory=lambda: list(DEFAULT_PROMPTS))
+    guidance: float = 3.0
+    steps: int = 50
+    sampler: str = "ddim"
+    num_per_prompt: int = 4
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if not self.prompts:
+            raise ValueError("sample.prompts is empty")
+
+
+@dataclasses.dataclass
+class PipelineConfig:
+    """The whole pipeline. output: the folder receiving everything. ray_address: as every stage's."""
+
+    output: str = "demo_out"
+    data: DataSettings = dataclasses.field(default_factory=DataSettings)
+    clip: ClipSettings = dataclasses.field(default_factory=ClipSettings)
+    aesthetic: AestheticSettings = dataclasses.field(default_factory=AestheticSettings)
+    generator: GeneratorSettings = dataclasses.field(default_factory=GeneratorSettings)
+    sample: SampleSettings = dataclasses.field(default_factory=SampleSettings)
+    ray_address: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+# A 2-3 minute smoke version of the demo (the test suite runs it): the same stages, everything smaller.
+QUICK: dict[str, dict[str, Any]] = {
+    "data": {"num_images": 400, "num_images_ood": 100, "images_per_shard": 100},
+    "clip": {"epochs": 3, "batch_size": 64},
+    "aesthetic": {"quantile_bins": 3, "fit_epochs": 100},
+    "generator": {
+        "preset": "tiny",
+        "model": {"k": 4},
+        "steps": 30,
+        "batch_size_per_worker": 16,
+        "log_every": 10,
+        "checkpoint_every": 30,
+        "warmup_steps": 5,
+    },
+    "sample": {"prompts": DEFAULT_PROMPTS[:2], "steps": 10, "num_per_prompt": 2},
+}
+
+T = TypeVar("T")
+
+
+def from_dict(cls: type[T], data: dict[str, Any] | None, where: str) -> T:
+    """A (nested) settings dataclass from a mapping; unknown keys are errors that name their place."""
+    data = dict(data or {})
+    if not isinstance(data, dict):
+        raise ValueError(f"{where} must be a mapping, got {type(data).__name__}")
+    fields = {f.name: f for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+    unknown = sorted(set(data) - set(fields))
+    if unknown:
+        raise ValueError(f"{where}: unknown keys {unknown} (known: {sorted(fields)})")
+    for name, field in fields.items():
+        sub = field.default_factory if field.default_factory is not dataclasses.MISSING else None  # type: ignore[misc]
+        if name in data and dataclasses.is_dataclass(sub):
+            data[name] = from_dict(sub, data[name], f"{where}.{name}")  # type: ignore[arg-type]
+    try:
+        return cls(**data)
+    except TypeError as err:
+        raise ValueError(f"{where}: {err}") from err
+
+
+def with_overrides(config: PipelineConfig, overrides: dict[str, dict[str, Any]]) -> PipelineConfig:
+    merged = config.to_dict()
+    for section, values in overrides.items():
+        merged[section] = {**merged[section], **values}
+    return from_dict(PipelineConfig, merged, "config")
+
+
+def load_config(path: str, output: str | None = None, quick: bool = False) -> PipelineConfig:
+    """A PipelineConfig from YAML (missing keys take the demo's defaults); --output and --quick win."""
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"config {path} does not exist")
+    with open(path) as f:
+        data = yaml.safe_load(f) or {}
+    if not isinstance(data, dict):
+        raise ValueError(f"config {path} must be a YAML mapping")
+    config = from_dict(PipelineConfig, data, path)
+    if quick:
+        config = with_overrides(config, QUICK)
+    if output:
+        config.output = output
+    return config
+
+
+# ------------------------------------------------------------------------------------------------ stages
+
+
+class Pipeline:
+    """Runs the stages of a PipelineConfig in order, each once (see the module docstring)."""
+
+    def __init__(self, config: PipelineConfig) -> None:
+        self.config = config
+        self.out = os.path.abspath(config.output)
+        self.timings: dict[str, dict[str, Any]] = {}
+
+    def path(self, *parts: str) -> str:
+        return os.path.join(self.out, *parts)
+
+    def stage(self, name: str, settings: dict[str, Any], fn: Callable[[], dict[str, Any]]) -> dict[str, Any]:
+        """Run fn once: skipped when its manifest records the same settings; refused when they changed."""
+        manifest = self.path("manifests", f"{name}.json")
+        settings = json.loads(json.dumps(settings))  # the form it takes on disk, for the comparison
+        if os.path.exists(manifest):
+            with open(manifest) as f:
+                done = json.load(f)
+            if done["settings"] == settings:
+                print(f"[{name}] done earlier in {done['seconds']:.1f}s; skipped", flush=True)
+                self.timings[name] = {"seconds": done["seconds"], "skipped": True}
+                return done["result"]
+            changed = sorted(
+                k for k in set(settings) | set(done["settings"]) if settings.get(k) != done["settings"].get(k)
+            )
+            raise ValueError(
+                f"stage {name} in {self.out} ran with other settings ({changed}); use another --output, or "
+                f"delete {manifest} and the stage's outputs ({', '.join(done['outputs']) or 'none'}) to redo it"
+            )
+        print(f"[{name}] ...", flush=True)
+        start = time.time()
+        result = fn()
+        seconds = time.time() - start
+        record = {
+            "stage": name,
+            "settings": settings,
+            "inputs": result.pop("inputs", []),
+            "outputs": result.pop("outputs", []),
+            "result": result,
+            "seconds": seconds,
+            "finished": time.strftime("%Y-%m-%dT%H:%M:%S"),
+        }
+        atomic_write_bytes(fsspec.filesystem("file"), manifest, json.dumps(record, indent=2).encode())
+        self.timings[name] = {"seconds": seconds, "skipped": False}
+        print(f"[{name}] finished in {seconds:.1f}s", flush=True)
+        return result
+
+    # -------------------------------------------------------------------------------------------- the run
+
+    def run(self) -> dict[str, Any]:
+        from pipelines.ray_env import init_ray
+
+        start = time.time()
+        c = self.config
+        os.makedirs(self.out, exist_ok=True)
+        atomic_write_bytes(
+            fsspec.filesystem("file"),
+            self.path("config.yaml"),
+            yaml.safe_dump(c.to_dict(), sort_keys=False).encode(),
+        )
+        init_ray(c.ray_address)
+        dbs = self.databases()
+        data = dataclasses.asdict(c.data)
+        self.stage("data", data, self.make_data)
+        self.stage("download", data, self.download)
+        clip = self.stage("clip", {"data": data, **dataclasses.asdict(c.clip)}, self.clip)
+        encoder = {"data": data, "clip_model": clip["clip_model"]}
+        self.stage("embed", encoder, lambda: self.embed(clip["clip_model"]))
+        self.stage("index", encoder, self.index)
+        aesthetic = self.stage("aesthetic", {**encoder, **dataclasses.asdict(c.aesthetic)}, self.aesthetic)
+        model = self.model_config()
+        nb = {**encoder, "k": model.k}
+        self.stage("neighbours", nb, lambda: self.neighbours(model.k))
+        gen = {**nb, "aesthetic": dataclasses.asdict(c.aesthetic), **dataclasses.asdict(c.generator)}
+        trained = self.stage("train", gen, lambda: self.train(model))
+        samples = self.stage(
+            "sample", {"train": gen, **dataclasses.asdict(c.sample)}, lambda: self.sample(aesthetic["bands"])
+        )
+        accuracy = self.stage("evaluate", encoder, lambda: self.evaluate(clip))
+        from pipelines.report import write_report
+
+        report = write_report(self.out, c, self.timings, clip, aesthetic, trained, samples, accuracy)
+        total = sum(t["seconds"] for t in self.timings.values() if not t["skipped"])
+        r = accuracy["text_to_image"]
+        print(
+            f"run: {len(dbs)} databases, {self.num_images('main')} + {self.num_images('ood')} images, "
+            f"CLIP text->image R@1 {r['1']:.2f} R@10 {r['10']:.2f} (chance {accuracy['chance']['10']:.3f}), "
+            f"generator loss {trained['loss']:.4f}; stages {total:.0f}s, this run {time.time() - start:.0f}s "
+            f"-> {report}",
+            flush=True,
+        )
+        return {"report": report, "timings": self.timings, "accuracy": accuracy, "train": trained}
+
+    def databases(self) -> list[str]:
+        d = self.config.data
+        has_ood = d.num_images_ood > 0 if d.source == "procedural" else bool(d.ood_url_list)
+        return ["main", "ood"] if has_ood else ["main"]
+
+    def num_images(self, db: str) -> int:
+        info = self.path("db", db, "database.json")
+        if not os.path.exists(info):
+            return 0
+        with open(info) as f:
+            return int(json.load(f)["num_images"])
+
+    def make_data(self) -> dict[str, Any]:
+        """Procedural captioned images for each database (a user's URL lists need nothing made)."""
+        d = self.config.data
+        if d.source == "url_list":
+            return {"inputs": [d.url_list, d.ood_url_list], "outputs": []}
+        from pipelines.demo_data import write_dataset
+
+        counts = {}
+        for i, db in enumerate(self.databases()):
+            style, n = (d.style, d.num_images) if db == "main" else (d.ood_style, d.num_images_ood)
+            frame = write_dataset(self.path("data", db), n, style=style, seed=d.seed + i, size=d.image_size)
+            counts[db] = len(frame)
+        return {"outputs": [self.path("data")], "num_images": counts}
+
+    def download(self) -> dict[str, Any]:
+        """Each database's URL list through the real download stage. Procedural images are served on
+        127.0.0.1 for the duration, and only that loopback address is allowed (--allow-network 127.0.0.1/32)."""
+        import pandas as pd
+
+        from pipelines.demo_data import FolderServer
+        from pipelines.download import DownloadConfig, download
+
+        d = self.config.data
+        results = {}
+
+        def fetch(db: str, url_list: str, allow: list[str] | None) -> None:
+            summary = download(
+                DownloadConfig(
+                    url_list=url_list,
+                    output_folder=self.path("shards", db),
+                    image_size=d.image_size,
+                    number_sample_per_shard=d.images_per_shard,
+                    thread_count=16,
+                    allow_network=allow,
+                ),
+                ray_address=self.config.ray_address,
+            )
+            results[db] = {"successes": summary.successes, "failed": summary.failed_to_download + summary.failed_to_resize}
+
+        if d.source == "url_list":
+            for db in self.databases():
+                fetch(db, d.url_list if db == "main" else d.ood_url_list, None)  # type: ignore[arg-type]
+        else:
+            with FolderServer(self.path("data")) as server:
+                for db in self.databases():
+                    style = d.style if db == "main" else d.ood_style
+                    frame = pd.read_parquet(self.path("data", db, f"{style}_captions.parquet"))
+                    urls = pd.DataFrame(
+                        {
+                            "url": [f"{server.base}/{db}/{f}" for f in frame["file"]],
+                            "caption": frame["caption"],
+                            d.rating_col: frame["rating"],
+                        }
+                    )
+                    url_list = self.path("data", db, "urls.parquet")  # the port changes every run
+                    urls.to_parquet(url_list)
+                    fetch(db, url_list, ["127.0.0.1/32"])
+        return {"outputs": [self.path("shards", db) for db in self.databases()], **results}
+
+    def clip(self) -> dict[str, Any]:
+        """Fit a small CLIP on the main database's shards with open_clip_train, or take the named one."""
+        c = self.config.clip
+        shards = self.path("shards", "main")
+        if c.model != "fit":
+            return {"clip_model": c.model, "holdout_shards": holdout_shards(shards, c.holdout_fraction)}
+        from pipelines.clip_train import ClipTrainConfig, fit_clip
+
+        settings = {"model": c.model_config} if c.model_config else {}
+        result = fit_clip(
+            ClipTrainConfig(
+                shards=shards,
+                output=self.path("clip"),
+                epochs=c.epochs,
+                batch_size=c.batch_size,
+                lr=c.lr,
+                holdout_fraction=c.holdout_fraction,
+                seed=self.config.data.seed,
+                **settings,
+            ),
+            ray_address=self.config.ray_address,
+        )
+        return {
+            "inputs": [shards],
+            "outputs": [self.path("clip")],
+            "clip_model": result.clip_model,
+            "holdout_shards": result.holdout_shards,
+            "loss": result.loss_final,
+        }
+
+    def embed(self, clip_model: str) -> dict[str, Any]:
+        from pipelines.embed import EmbedConfig, embed
+
+        out = {}
+        for db in self.databases():
+            summary = embed(
+                EmbedConfig(
+                    shards=self.path("shards", db), output=self.path("db", db), clip_model=clip_model
+                ),
+                ray_address=self.config.ray_address,
+            )
+            out[db] = summary.num_images
+        return {"outputs": [self.path("db", db) for db in self.databases()], "num_images": out}
+
+    def index(self) -> dict[str, Any]:
+        from pipelines.index import IndexConfig, build
+
+        out = {}
+        for db in self.databases():
+            infos = build(
+                IndexConfig(db=self.path("db", db), max_index_memory="1G", current_memory_available="4G"),
+                ray_address=self.config.ray_address,
+            )
+            out[db] = infos.get("index_key")
+        return {"outputs": [self.path("db", db, "image.index") for db in self.databases()], "index_key": out}
+
+    def aesthetic(self) -> dict[str, Any]:
+        """Score the main database (a head fitted to the data's ratings, or LAION's), then quantile bands."""
+        import pandas as pd
+
+        from pipelines.aesthetic import FitConfig, ScoreConfig, SubindexConfig, fit, score, subindex
+
+        a, db = self.config.aesthetic, self.path("db", "main")
+        fitted: dict[str, Any] = {}
+        head = a.head
+        if a.head == "fit":
+            col = self.config.data.rating_col
+            meta = pd.concat(
+                pd.read_parquet(os.path.join(db, "metadata", f))
+                for f in sorted(os.listdir(os.path.join(db, "metadata")))
+            )
+            if col not in meta.columns:
+                raise ValueError(
+                    f"aesthetic.head is fit but the main URL list has no {col!r} column; add ratings there "
+                    "(data.rating_col) or set aesthetic.head to laion-v1"
+                )
+            ratings = self.path("aesthetic", "ratings.parquet")
+            os.makedirs(os.path.dirname(ratings), exist_ok=True)
+            meta[["image_id", col]].to_parquet(ratings)
+            head = self.path("aesthetic", "head.pt")
+            fitted = fit(
+                FitConfig(ratings=ratings, output_head=head, db=db, rating_col=col, epochs=a.fit_epochs)
+            )
+        scored = score(
+            ScoreConfig(db=db, head=head, head_dir=a.head_dir, allow_other_weights=a.allow_other_weights)
+        )
+        bands = subindex(
+            SubindexConfig(
+                db=db,
+                quantile_bins=a.quantile_bins,
+                catalogue=self.path("catalogue.json"),
+                name="main",
+                max_index_memory="1G",
+                current_memory_available="4G",
+            ),
+            ray_address=self.config.ray_address,
+        )
+        return {
+            "outputs": [os.path.join(db, "aesthetic"), os.path.join(db, "bands")],
+            "head": head,
+            "fit": fitted,
+            "score": {k: v for k, v in scored.items() if isinstance(v, int | float | str)},
+            "bands": bands["bands"],
+        }
+
+    def model_config(self) -> Any:
+        from diffusion.config import model_config
+
+        g = self.config.generator
+        info_path = self.path("db", "main", "database.json")
+        overrides = dict(g.model)
+        if os.path.exists(info_path):
+            with open(info_path) as f:
+                overrides["cond_dim"] = int(json.load(f)["dim"])
+        return model_config(g.preset, **overrides)
+
+    def neighbours(self, k: int) -> dict[str, Any]:
+        from pipelines.neighbours import NeighboursConfig, compute
+
+        db = self.path("db", "main")
+        compute(NeighboursConfig(db=db, k=k), ray_address=self.config.ray_address)
+        return {"outputs": [os.path.join(db, "neighbours")], "k": k}
+
+    def train(self, model: Any) -> dict[str, Any]:
+        from diffusion.config import TrainConfig
+        from diffusion.train import train
+
+        g = self.config.generator
+        db = self.path("db", "main")
+        result = train(
+            TrainConfig(
+                db=db,
+                neighbours=os.path.join(db, "neighbours"),
+                output=self.path("run"),
+                model=model,
+                steps=g.steps,
+                batch_size_per_worker=g.batch_size_per_worker,
+                lr=g.lr,
+                warmup_steps=g.warmup_steps,
+                ema_decay=g.ema_decay,
+                num_workers=g.num_workers,
+                use_gpu=g.use_gpu,
+                log_every=g.log_every,
+                checkpoint_every=g.checkpoint_every,
+                seed=g.seed,
+            ),
+            ray_address=self.config.ray_address,
+        )
+        m = result["metrics"]
+        return {
+            "outputs": [self.path("run")],
+            "checkpoint": result["checkpoint"],
+            "loss": m.get("loss", float("nan")),
+            "samples_per_s": m.get("samples_per_s", float("nan")),
+            "data_wait_fraction": m.get("data_wait_fraction", float("nan")),
+        }
+
+    def sample(self, bands: list[dict[str, Any]]) -> dict[str, Any]:
+        """The prompts against the main database, the second database, and each aesthetic band of the main."""
+        from diffusion.sample import SampleConfig, sample
+
+        s = self.config.sample
+        targets: list[tuple[str, str, str | None]] = [("main", "main", None)]
+        if "ood" in self.databases():
+            targets.append(("ood", "ood", None))
+        targets += [(f"band_{b['name']}", "main", b["name"]) for b in bands if b["count"] > 0]
+        done = {}
+        for name, db, band in targets:
+            sample(
+                SampleConfig(
+                    checkpoint=self.path("run"),
+                    database=self.path("db", db),
+                    band=band,
+                    output=self.path("samples", name),
+                    prompts=s.prompts,
+                    guidance=s.guidance,
+                    steps=s.steps,
+                    sampler=s.sampler,
+                    num_per_prompt=s.num_per_prompt,
+                    seed=s.seed,
+                )
+            )
+            done[name] = {"database": db, "band": band, "folder": self.path("samples", name)}
+        return {"outputs": [self.path("samples")], "targets": done}
+
+    def evaluate(self, clip: dict[str, Any]) -> dict[str, Any]:
+        """Text->image retrieval accuracy of the encoder on the held-out shards' captions."""
+        from pipelines.clip_train import retrieval_accuracy
+
+        acc = retrieval_accuracy(clip["clip_model"], clip["holdout_shards"])
+        acc = {k: {str(n): v for n, v in r.items()} if isinstance(r, dict) else r for k, r in acc.items()}
+        return {"inputs": clip["holdout_shards"], **acc}
+
+
+def holdout_shards(shards: str, fraction: float) -> list[str]:
+    """The last ceil(fraction * N) finished shards (the same rule the CLIP fit holds out by)."""
+    from pipelines.embed import finished_shards
+
+    done = sorted(finished_shards(shards).items())
+    n = max(1, -(-int(round(fraction * 1000)) * len(done) // 1000))
+    return [path for _, (path, _) in done[-n:]]
+
+
+def run_pipeline(config: PipelineConfig) -> dict[str, Any]:
+    return Pipeline(config).run()

@@ -1,0 +1,158 @@
+"""The whole pipeline from one config: config loading, the quick demo end to end, manifests and resume."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from pipelines.run import QUICK, PipelineConfig, load_config, with_overrides
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+STAGES = [
+    "data",
+    "download",
+    "clip",
+    "embed",
+    "index",
+    "aesthetic",
+    "neighbours",
+    "train",
+    "sample",
+    "evaluate",
+]
+
+
+def test_configs_demo_yaml_is_the_demo_default():
+    assert load_config(os.path.join(REPO, "configs", "demo.yaml")) == PipelineConfig()
+
+
+def test_laion_config_switches_encoder_and_head_only():
+    config = load_config(os.path.join(REPO, "configs", "demo_laion.yaml"))
+    assert config.clip.model == "open_clip:ViT-B-32/openai" and config.aesthetic.head == "laion-v1"
+    assert config.data == PipelineConfig().data and config.generator == PipelineConfig().generator
+
+
+def test_config_errors_name_the_key(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("generator:\n  stepz: 3\n")
+    with pytest.raises(ValueError, match=r"bad.yaml.generator: unknown keys \['stepz'\]"):
+        load_config(str(bad))
+    bad.write_text("data:\n  source: ftp\n")
+    with pytest.raises(ValueError, match="data.source must be procedural or url_list"):
+        load_config(str(bad))
+    bad.write_text("generator:\n  preset: huge\n")
+    with pytest.raises(ValueError, match="preset must be one of"):
+        load_config(str(bad))
+    with pytest.raises(FileNotFoundError, match="nope.yaml"):
+        load_config(str(tmp_path / "nope.yaml"))
+
+
+def test_quick_overrides_shrink_every_section():
+    quick = with_overrides(PipelineConfig(), QUICK)
+    assert quick.data.num_images < PipelineConfig().data.num_images
+    assert quick.generator.preset == "tiny" and quick.generator.steps < PipelineConfig().generator.steps
+    assert quick.sample.prompts == PipelineConfig().sample.prompts[: len(quick.sample.prompts)]
+
+
+@pytest.fixture(scope="module")
+def quick_demo(ray_session, tmp_path_factory):
+    from pipelines.demo import run_demo
+
+    out = tmp_path_factory.mktemp("demo") / "out"
+    result = run_demo(str(out), quick=True)
+    return out, result
+
+
+def manifest(out, stage: str) -> dict:
+    with open(out / "manifests" / f"{stage}.json") as f:
+        return json.load(f)
+
+
+def test_quick_demo_runs_every_stage_and_reports_them(quick_demo):
+    out, result = quick_demo
+    assert list(result["timings"]) == STAGES and not any(t["skipped"] for t in result["timings"].values())
+    for stage in STAGES:
+        m = manifest(out, stage)
+        assert m["stage"] == stage and m["seconds"] > 0
+        assert all(os.path.exists(p) for p in m["outputs"]), (stage, m["outputs"])
+    html = (out / "report.html").read_text()
+    srcs = re.findall(r'src="([^"]+)"', html)
+    assert all((out / s).is_file() for s in srcs)
+    bands = [b["name"] for b in manifest(out, "aesthetic")["result"]["bands"]]
+    assert len(bands) == QUICK["aesthetic"]["quantile_bins"]
+    for target in ["main", "ood"] + [f"band_{b}" for b in bands]:
+        for i in range(len(QUICK["sample"]["prompts"])):
+            assert f"report/{target}_grid_{i}.png" in srcs and f"report/{target}_neighbours_{i}.png" in srcs
+    assert "report/loss.png" in srcs
+    for stage in STAGES:
+        assert f"<td>{stage}</td>" in html
+
+
+def test_quick_demo_encoder_retrieves_better_than_chance(quick_demo):
+    out, result = quick_demo
+    acc = result["accuracy"]
+    r, chance = acc["text_to_image"], acc["chance"]
+    assert acc["num_pairs"] == 100  # the held-out shard (10% of 4 shards of 100, rounded up to one)
+    assert 0 <= r["1"] <= r["5"] <= r["10"] <= 1
+    assert r["10"] > 2 * chance["10"], acc  # a fitted CLIP, not a random one
+    held_out = set(manifest(out, "clip")["result"]["holdout_shards"])
+    with open(out / "clip" / "clip_train.json") as f:
+        trained_on = set(json.load(f)["train_shards"])
+    assert held_out and not held_out & trained_on
+
+
+def test_database_swap_and_bands_change_the_neighbours_and_samples(quick_demo):
+    from retrieval.database import Database
+
+    out, _ = quick_demo
+
+    def record(target: str) -> dict:
+        with open(out / "samples" / target / "samples.json") as f:
+            return json.load(f)
+
+    main_ids = set(Database.open(str(out / "db" / "main")).ids.tolist())
+    ood_ids = set(Database.open(str(out / "db" / "ood")).ids.tolist())
+    for p in record("ood")["prompts"]:
+        assert set(p["neighbour_ids"]) <= ood_ids
+    for p in record("main")["prompts"]:
+        assert set(p["neighbour_ids"]) <= main_ids
+    for band in manifest(out, "aesthetic")["result"]["bands"]:
+        band_ids = set(np.load(out / "db" / "main" / "bands" / band["name"] / "ids.npy").tolist())
+        assert all(set(p["neighbour_ids"]) <= band_ids for p in record(f"band_{band['name']}")["prompts"])
+    grids = {t: np.asarray(Image.open(out / "samples" / t / "grid.png")) for t in ("main", "ood")}
+    # same model, prompts and seed: only the retrieved neighbours differ, and they reach the samples (how much
+    # they change them depends on training; the 30-step quick model has barely learnt to use them)
+    assert not np.array_equal(grids["main"], grids["ood"])
+
+
+def test_rerun_skips_finished_stages_and_refuses_changed_settings(quick_demo):
+    from pipelines.demo import demo_config, run_demo
+
+    out, _ = quick_demo
+    before = {s: os.path.getmtime(out / "manifests" / f"{s}.json") for s in STAGES}
+    checkpoint = manifest(out, "train")["result"]["checkpoint"]
+    ckpt_mtime = os.path.getmtime(os.path.join(checkpoint, "state.pt"))
+    result = run_demo(str(out), quick=True)
+    assert all(t["skipped"] for t in result["timings"].values())
+    assert before == {s: os.path.getmtime(out / "manifests" / f"{s}.json") for s in STAGES}
+    assert os.path.getmtime(os.path.join(checkpoint, "state.pt")) == ckpt_mtime
+    changed = demo_config(str(out), quick=True)
+    changed.generator.steps += 5
+    with pytest.raises(ValueError, match=r"stage train .* other settings \(\['steps'\]\)"):
+        from pipelines.run import run_pipeline
+
+        run_pipeline(changed)
+
+
+def test_cli_run_reports_bad_config(tmp_path, capsys):
+    from pipelines.cli import main
+
+    bad = tmp_path / "c.yaml"
+    bad.write_text("clip:\n  model: ViT-B-32\n")
+    assert main(["run", str(bad)]) == 2
+    assert "clip.model must be fit or an open_clip" in capsys.readouterr().err

@@ -384,7 +384,10 @@ class Pipeline:
                 ),
                 ray_address=self.config.ray_address,
             )
-            results[db] = {"successes": summary.successes, "failed": summary.failed_to_download + summary.failed_to_resize}
+            results[db] = {
+                "successes": summary.successes,
+                "failed": summary.failed_to_download + summary.failed_to_resize,
+            }
 
         if d.source == "url_list":
             for db in self.databases():

@@ -84,9 +84,11 @@ class TrainConfig:
     their rows shuffled, which is enough when shards are random subsets of the URL list).
     checkpoint_every, log_every: in steps. num_timesteps: diffusion steps T. ema_decay: EMA of the weights.
     precision: auto (bf16 autocast on CUDA/AMX CPUs), fp32 or bf16. max_failures: worker failures survived.
-    cpus_per_worker: CPUs Ray reserves per worker; default: a node's share less one whole CPU, which is left to
-    the data-loading tasks (Ray Data cannot run on CPUs the workers hold, and it is handed only whole CPUs).
-    torch_threads: intra-op threads per worker; default: the node's whole share (data loading is light).
+    cpus_per_worker: CPUs Ray reserves per worker; default: the worker's share of its node less one whole CPU,
+    which is left to the data-loading tasks (Ray Data cannot run on CPUs the workers hold, and it is handed only
+    whole CPUs); on a node with under 2 CPUs per worker, the share less half a CPU.
+    torch_threads: intra-op threads per worker; default: the worker's whole share of the node (data loading is
+    light), or cpus_per_worker rounded up when that is given.
     crash_at_step: fault injection for recovery tests: the last worker SIGKILLs itself once at this step.
     """
 
@@ -121,6 +123,8 @@ class TrainConfig:
         for name in ("steps", "batch_size_per_worker", "checkpoint_every", "log_every", "num_workers"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.torch_threads is not None and self.torch_threads < 1:
+            raise ValueError(f"torch_threads must be >= 1, got {self.torch_threads}")
         if self.precision not in ("auto", "fp32", "bf16"):
             raise ValueError(f"precision must be auto, fp32 or bf16, got {self.precision!r}")
 

@@ -297,18 +297,19 @@ def train(config: TrainConfig, ray_address: str | None = None) -> dict[str, Any]
             )
     atomic_write_bytes(fs, config_path, json.dumps(config.to_dict(), indent=2).encode())
     init_ray(ray_address)
-    if config.cpus_per_worker is None or config.torch_threads is None:
+    if config.torch_threads is None and config.cpus_per_worker is not None:
+        config.torch_threads = max(1, math.ceil(config.cpus_per_worker))  # the share the user gave it
+    if config.cpus_per_worker is None:
         from pipelines.ray_env import node_cpus
 
         cpus = node_cpus()
         share = min(cpus) / -(-config.num_workers // len(cpus))  # per worker, on the most loaded node
-        if config.cpus_per_worker is None:
-            # Whole CPUs, one left per node to data loading: Ray Data (2.55) is handed the CPUs Train leaves
-            # free floored to whole numbers (its autoscaling coordinator divides them with //), so a worker
-            # holding 1.5 of 2 CPUs would leave it none, and it would load one part at a time, on demand.
-            config.cpus_per_worker = float(math.floor(share) - 1) if share >= 2 else max(0.5, share - 0.5)
+        # Whole CPUs, one per worker left to data loading: Ray Data (2.55) is handed the CPUs Train leaves free
+        # floored to whole numbers (its autoscaling coordinator divides them with //), so a worker holding
+        # 1.5 of 2 CPUs would leave it none, and it would load one part at a time, on demand.
+        config.cpus_per_worker = float(math.floor(share) - 1) if share >= 2 else max(0.5, share - 0.5)
         if config.torch_threads is None:
-            config.torch_threads = max(1, math.floor(share))
+            config.torch_threads = max(1, math.floor(share))  # decoding is light: torch uses the whole share
     dataset = make_dataset(config, start_step=_resume_step(output))
     log.info("training %s", json.dumps(config.to_dict()))
     trainer = TorchTrainer(

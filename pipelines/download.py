@@ -122,6 +122,9 @@ class DownloadSummary:
     failed_to_resize: int
     top_errors: list[tuple[str, int]]
     seconds: float
+    failed_shards: list[int] = dataclasses.field(
+        default_factory=list
+    )  # gave up on these; a rerun retries them
 
     def line(self) -> str:
         errors = "; ".join(f"{n}x {msg[:80]}" for msg, n in self.top_errors[:3])
@@ -393,5 +396,6 @@ def download(config: DownloadConfig, ray_address: str | None = None) -> Download
     else:
         fs.rm(f"{out_path}/_tmp", recursive=True)
     summary = summarize(output_folder, num_skipped=len(skip), seconds=time.time() - start)
+    summary.failed_shards = sorted(failed)
     print(summary.line(), flush=True)
     return summary

@@ -99,9 +99,11 @@ def write_report(
 
     add("<h2>Encoder: text &rarr; image retrieval on held-out captions</h2>")
     add(
-        f"<p>CLIP <code>{html.escape(clip['clip_model'])}</code>. The {accuracy['num_pairs']} (caption, image) pairs "
-        "of the held-out shards were never seen in the CLIP's training. Recall@k: the caption's own image is among "
-        "the k nearest of all held-out images.</p><table><tr><th></th>"
+        f"<p>CLIP <code>{html.escape(clip['clip_model'])}</code>, on the {accuracy['num_pairs']} (caption, image) "
+        "pairs of the held-out shards"
+        + (", which the CLIP fitted here never saw in training" if config.clip.model == "fit" else "")
+        + ". Recall@k: the caption's own image is among the k nearest of all held-out images.</p>"
+        "<table><tr><th></th>"
     )
     ks = list(accuracy["text_to_image"])
     add("".join(f"<th>R@{k}</th>" for k in ks) + "</tr>")

@@ -27,6 +27,7 @@ import json
 import logging
 import os
 import time
+import uuid
 from collections.abc import Callable
 from typing import Any, TypeVar
 
@@ -91,15 +92,25 @@ class ClipSettings:
 
     model: str = "fit"
     model_config: str | None = None
-    epochs: int = 12
+    epochs: int = 8
     batch_size: int = 128
-    lr: float = 1e-3
+    lr: float = 2e-3
     holdout_fraction: float = 0.1
 
     def __post_init__(self) -> None:
-        if self.model != "fit" and not self.model.startswith("open_clip:"):
+        if self.model != "fit":
+            from retrieval.clip_model import ClipSpec
+
+            try:
+                ClipSpec.parse(self.model)
+            except ValueError as err:
+                raise ValueError(
+                    f"clip.model must be fit or an open_clip:<config>/<weights> name: {err}"
+                ) from err
+        if not 0.0 < self.holdout_fraction < 1.0:
             raise ValueError(
-                f"clip.model must be fit or an open_clip:<config>/<weights> name, got {self.model!r}"
+                "clip.holdout_fraction must be in (0, 1) (the encoder is evaluated on the held-out shards), "
+                f"got {self.holdout_fraction}"
             )
 
 
@@ -128,15 +139,15 @@ class GeneratorSettings:
 
     preset: str = "small"
     model: dict[str, Any] = dataclasses.field(default_factory=dict)
-    steps: int = 1500
+    steps: int = 600
     batch_size_per_worker: int = 64
     lr: float = 3e-4
-    warmup_steps: int = 100
+    warmup_steps: int = 50
     ema_decay: float = 0.999
     num_workers: int = 1
     use_gpu: bool = False
-    log_every: int = 25
-    checkpoint_every: int = 500
+    log_every: int = 20
+    checkpoint_every: int = 200
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -157,8 +168,14 @@ class SampleSettings:
     seed: int = 0
 
     def __post_init__(self) -> None:
+        from diffusion.samplers import SAMPLERS
+
         if not self.prompts:
             raise ValueError("sample.prompts is empty")
+        if self.sampler not in SAMPLERS:
+            raise ValueError(f"sample.sampler must be one of {sorted(SAMPLERS)}, got {self.sampler!r}")
+        if self.num_per_prompt < 1 or self.steps < 1:
+            raise ValueError("sample.num_per_prompt and sample.steps must be >= 1")
 
 
 @dataclasses.dataclass
@@ -172,6 +189,13 @@ class PipelineConfig:
     generator: GeneratorSettings = dataclasses.field(default_factory=GeneratorSettings)
     sample: SampleSettings = dataclasses.field(default_factory=SampleSettings)
     ray_address: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.clip.model == "fit" and self.aesthetic.head.startswith("laion"):
+            raise ValueError(
+                f"aesthetic.head {self.aesthetic.head} scores only the CLIP LAION trained it on; with clip.model: fit "
+                "use aesthetic.head: fit (a head fitted to data.rating_col), or name that CLIP in clip.model"
+            )
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -199,9 +223,9 @@ T = TypeVar("T")
 
 def from_dict(cls: type[T], data: dict[str, Any] | None, where: str) -> T:
     """A (nested) settings dataclass from a mapping; unknown keys are errors that name their place."""
+    if data is not None and not isinstance(data, dict):
+        raise ValueError(f"{where} must be a mapping, got {type(data).__name__} {data!r}")
     data = dict(data or {})
-    if not isinstance(data, dict):
-        raise ValueError(f"{where} must be a mapping, got {type(data).__name__}")
     fields = {f.name: f for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
     unknown = sorted(set(data) - set(fields))
     if unknown:
@@ -249,6 +273,7 @@ class Pipeline:
         self.config = config
         self.out = os.path.abspath(config.output)
         self.timings: dict[str, dict[str, Any]] = {}
+        self.previous = ""  # the id of the last stage run or skipped: each stage's settings include it
 
     def path(self, *parts: str) -> str:
         return os.path.join(self.out, *parts)
@@ -256,16 +281,21 @@ class Pipeline:
     def stage(self, name: str, settings: dict[str, Any], fn: Callable[[], dict[str, Any]]) -> dict[str, Any]:
         """Run fn once: skipped when its manifest records the same settings; refused when they changed."""
         manifest = self.path("manifests", f"{name}.json")
-        settings = json.loads(json.dumps(settings))  # the form it takes on disk, for the comparison
+        # The stage before this one is part of the settings: when it was redone, what this stage made from
+        # its outputs is stale, and the chain carries that down to every later stage.
+        settings = json.loads(json.dumps({**settings, "after": self.previous}))  # as it is on disk
         if os.path.exists(manifest):
             with open(manifest) as f:
                 done = json.load(f)
             if done["settings"] == settings:
                 print(f"[{name}] done earlier in {done['seconds']:.1f}s; skipped", flush=True)
                 self.timings[name] = {"seconds": done["seconds"], "skipped": True}
+                self.previous = done["id"]
                 return done["result"]
             changed = sorted(
-                k for k in set(settings) | set(done["settings"]) if settings.get(k) != done["settings"].get(k)
+                "an earlier stage, redone since" if k == "after" else k
+                for k in set(settings) | set(done["settings"])
+                if settings.get(k) != done["settings"].get(k)
             )
             raise ValueError(
                 f"stage {name} in {self.out} ran with other settings ({changed}); use another --output, or "
@@ -283,9 +313,11 @@ class Pipeline:
             "result": result,
             "seconds": seconds,
             "finished": time.strftime("%Y-%m-%dT%H:%M:%S"),
+            "id": uuid.uuid4().hex,
         }
         atomic_write_bytes(fsspec.filesystem("file"), manifest, json.dumps(record, indent=2).encode())
         self.timings[name] = {"seconds": seconds, "skipped": False}
+        self.previous = record["id"]
         print(f"[{name}] finished in {seconds:.1f}s", flush=True)
         return result
 
@@ -297,11 +329,6 @@ class Pipeline:
         start = time.time()
         c = self.config
         os.makedirs(self.out, exist_ok=True)
-        atomic_write_bytes(
-            fsspec.filesystem("file"),
-            self.path("config.yaml"),
-            yaml.safe_dump(c.to_dict(), sort_keys=False).encode(),
-        )
         init_ray(c.ray_address)
         dbs = self.databases()
         data = dataclasses.asdict(c.data)
@@ -324,6 +351,11 @@ class Pipeline:
         from pipelines.report import write_report
 
         report = write_report(self.out, c, self.timings, clip, aesthetic, trained, samples, accuracy)
+        atomic_write_bytes(  # the config of the run that made this report (a refused run leaves it alone)
+            fsspec.filesystem("file"),
+            self.path("config.yaml"),
+            yaml.safe_dump(c.to_dict(), sort_keys=False).encode(),
+        )
         total = sum(t["seconds"] for t in self.timings.values() if not t["skipped"])
         r = accuracy["text_to_image"]
         print(
@@ -384,6 +416,11 @@ class Pipeline:
                 ),
                 ray_address=self.config.ray_address,
             )
+            if summary.failed_shards:
+                raise ValueError(
+                    f"download of the {db} database gave up on shards {summary.failed_shards}; run the same "
+                    "command again to retry them (finished shards are kept)"
+                )
             results[db] = {
                 "successes": summary.successes,
                 "failed": summary.failed_to_download + summary.failed_to_resize,
@@ -479,6 +516,7 @@ class Pipeline:
             meta = pd.concat(
                 pd.read_parquet(os.path.join(db, "metadata", f))
                 for f in sorted(os.listdir(os.path.join(db, "metadata")))
+                if f.startswith("metadata_") and f.endswith(".parquet")
             )
             if col not in meta.columns:
                 raise ValueError(

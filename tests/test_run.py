@@ -149,6 +149,35 @@ def test_rerun_skips_finished_stages_and_refuses_changed_settings(quick_demo):
         run_pipeline(changed)
 
 
+def test_a_redone_stage_makes_every_later_stage_refuse(quick_demo):
+    """Redoing a stage (its manifest and outputs deleted) changes what later stages were made from."""
+    import shutil
+
+    from pipelines.demo import demo_config
+    from pipelines.run import run_pipeline
+
+    out, _ = quick_demo
+    (out / "manifests" / "sample.json").unlink()
+    shutil.rmtree(out / "samples")
+    with pytest.raises(ValueError, match=r"stage evaluate .*an earlier stage, redone since"):
+        run_pipeline(demo_config(str(out), quick=True))
+    assert (out / "samples" / "main" / "grid.png").exists()  # the deleted stage was redone first
+
+
+def test_settings_that_cannot_work_are_refused_before_anything_runs(tmp_path):
+    for yaml_text, message in (
+        ("aesthetic:\n  head: laion-v1\n", "scores only the CLIP LAION trained it on"),
+        ("clip:\n  holdout_fraction: 0\n", "clip.holdout_fraction must be in"),
+        ("clip:\n  model: open_clip:ViT-B-32\n", "names no weights"),
+        ("sample:\n  sampler: dpm\n", "sample.sampler must be one of"),
+        ("generator: 600\n", "config.yaml.generator must be a mapping"),
+    ):
+        path = tmp_path / "config.yaml"
+        path.write_text(yaml_text)
+        with pytest.raises(ValueError, match=message):
+            load_config(str(path))
+
+
 def test_cli_run_reports_bad_config(tmp_path, capsys):
     from pipelines.cli import main
 

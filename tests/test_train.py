@@ -44,7 +44,10 @@ def config_for(db: str, output: str, **overrides) -> TrainConfig:
 
 
 def state_of(run: str) -> dict:
-    return torch.load(latest_checkpoint(run), map_location="cpu", weights_only=True)
+    import fsspec
+
+    with fsspec.open(latest_checkpoint(run), "rb") as f:  # a path or a URI
+        return torch.load(f, map_location="cpu", weights_only=True)
 
 
 def test_two_workers_train_in_lockstep(train_db, tmp_path):
@@ -148,3 +151,14 @@ def test_one_run_streams_several_epochs_with_rows_reshuffled(train_db, ray_sessi
         load_part({**batch, "epoch": np.array([e])}, train_db, 16, 4)["image_id"] for e in (0, 1)
     )
     assert sorted(first) == sorted(second) and not np.array_equal(first, second)  # rows reshuffled
+
+
+def test_run_folder_given_as_a_uri_checkpoints_and_resumes(train_db, tmp_path):
+    """--output as a URI goes through fsspec and Ray Train's storage (file:// here; s3:// etc. the same way)."""
+    uri = f"file://{tmp_path}/uri_run"
+    train(config_for(train_db, uri, steps=3))
+    train(config_for(train_db, uri, steps=6))
+    rows = read_metrics(f"{uri}/metrics.csv")
+    assert [(int(r["step"]), int(r["start_step"])) for r in rows] == [(3, 0), (6, 3)]
+    assert latest_checkpoint(uri).startswith("file://") and state_of(uri)["step"] == 6
+    assert (tmp_path / "uri_run" / "loss.png").exists()

@@ -642,12 +642,10 @@ class Pipeline:
 
 
 def holdout_shards(shards: str, fraction: float) -> list[str]:
-    """The last ceil(fraction * N) finished shards (the same rule the CLIP fit holds out by)."""
-    from pipelines.embed import finished_shards
+    """The shards a CLIP fit with this fraction would hold out (the last ones by number; see clip_train)."""
+    from pipelines.clip_train import list_done_shards, split_shards
 
-    done = sorted(finished_shards(shards).items())
-    n = max(1, -(-int(round(fraction * 1000)) * len(done) // 1000))
-    return [path for _, (path, _) in done[-n:]]
+    return [tar for tar, _ in split_shards(list_done_shards(shards), fraction)[1]]
 
 
 def run_pipeline(config: PipelineConfig) -> dict[str, Any]:

@@ -152,13 +152,14 @@ def num_rows(items: list[dict[str, str]]) -> int:
     return total
 
 
-def make_dataset(config: TrainConfig, start_step: int = 0) -> Any:
+def make_dataset(config: TrainConfig, start_step: int = 0, items: list[dict[str, str]] | None = None) -> Any:
     """The streaming training dataset: every epoch the run still needs, as one stream (one Ray Data task per
     part and epoch; rows as load_part describes). One stream, not one dataset per epoch, so the pipeline
-    starts once and keeps reading ahead across epoch boundaries."""
+    starts once and keeps reading ahead across epoch boundaries. items: part_items(config), when the caller
+    has them already."""
     import ray
 
-    items = part_items(config)
+    items = items if items is not None else part_items(config)
     rows = num_rows(items)
     per_epoch = max(1, rows // (config.batch_size_per_worker * config.num_workers))  # steps (drop_last)
     first_epoch = start_step // per_epoch

@@ -280,7 +280,9 @@ def train(config: TrainConfig, ray_address: str | None = None) -> dict[str, Any]
     from pipelines.ray_env import init_ray
 
     start = time.time()
-    part_items(config)  # check the inputs (files, dimensions, k) before anything is written or started
+    items = part_items(
+        config
+    )  # check the inputs (files, dimensions, k) before anything is written or started
     output = config.output if "://" in config.output else os.path.abspath(config.output)
     config.output = output
     fs, root = fsspec.core.url_to_fs(output)
@@ -310,7 +312,7 @@ def train(config: TrainConfig, ray_address: str | None = None) -> dict[str, Any]
         config.cpus_per_worker = float(math.floor(share) - 1) if share >= 2 else max(0.5, share - 0.5)
         if config.torch_threads is None:
             config.torch_threads = max(1, math.floor(share))  # decoding is light: torch uses the whole share
-    dataset = make_dataset(config, start_step=_resume_step(output))
+    dataset = make_dataset(config, start_step=_latest_state(output)[1], items=items)
     log.info("training %s", json.dumps(config.to_dict()))
     trainer = TorchTrainer(
         train_loop_per_worker,
@@ -348,24 +350,23 @@ def latest_checkpoint(run: str) -> str:
     fs, root = fsspec.core.url_to_fs(run)
     if fs.isfile(root):
         return run
-    found = [p for p in fs.find(root) if p.rsplit("/", 1)[-1] == STATE_FILE] if fs.exists(root) else []
-    if not found:
+    path, _ = _latest_state(run)
+    if path is None:
         raise FileNotFoundError(
             f"--checkpoint {run} holds no {STATE_FILE}; train first (`knn-diffusion train`)"
         )
+    return path
+
+
+def _latest_state(run: str) -> tuple[str | None, int]:
+    """(the state.pt of the highest step under a run folder or URI, that step), or (None, 0) for a new run."""
+    fs, root = fsspec.core.url_to_fs(run)
+    found = [p for p in fs.find(root) if p.rsplit("/", 1)[-1] == STATE_FILE] if fs.exists(root) else []
+    if not found:
+        return None, 0
     # checkpoint folders are named checkpoint_<timestamp>; the step inside decides, the newest wins a tie
-    best = max(found, key=lambda p: (_step_of(fs, p), p))
-    return fs.unstrip_protocol(best) if "://" in run else best
-
-
-def _resume_step(run: str) -> int:
-    """The step a rerun of this run resumes from (0 for a new run)."""
-    try:
-        path = latest_checkpoint(run)
-    except FileNotFoundError:
-        return 0
-    fs, p = fsspec.core.url_to_fs(path)
-    return _step_of(fs, p)
+    step, best = max((_step_of(fs, p), p) for p in found)
+    return (fs.unstrip_protocol(best) if "://" in run else best), step
 
 
 def _step_of(fs: Any, path: str) -> int:

@@ -331,22 +331,20 @@ class Pipeline:
         os.makedirs(self.out, exist_ok=True)
         init_ray(c.ray_address)
         dbs = self.databases()
+        # Each stage's settings are its own section: what came before reaches it through the chain of
+        # manifest ids (Pipeline.stage), so a change upstream is refused upstream.
         data = dataclasses.asdict(c.data)
         self.stage("data", data, self.make_data)
         self.stage("download", data, self.download)
-        clip = self.stage("clip", {"data": data, **dataclasses.asdict(c.clip)}, self.clip)
-        encoder = {"data": data, "clip_model": clip["clip_model"]}
+        clip = self.stage("clip", dataclasses.asdict(c.clip), self.clip)
+        encoder = {"clip_model": clip["clip_model"]}
         self.stage("embed", encoder, lambda: self.embed(clip["clip_model"]))
         self.stage("index", encoder, self.index)
-        aesthetic = self.stage("aesthetic", {**encoder, **dataclasses.asdict(c.aesthetic)}, self.aesthetic)
+        aesthetic = self.stage("aesthetic", dataclasses.asdict(c.aesthetic), self.aesthetic)
         model = self.model_config()
-        nb = {**encoder, "k": model.k}
-        self.stage("neighbours", nb, lambda: self.neighbours(model.k))
-        gen = {**nb, "aesthetic": dataclasses.asdict(c.aesthetic), **dataclasses.asdict(c.generator)}
-        trained = self.stage("train", gen, lambda: self.train(model))
-        samples = self.stage(
-            "sample", {"train": gen, **dataclasses.asdict(c.sample)}, lambda: self.sample(aesthetic["bands"])
-        )
+        self.stage("neighbours", {"k": model.k}, lambda: self.neighbours(model.k))
+        trained = self.stage("train", dataclasses.asdict(c.generator), lambda: self.train(model))
+        samples = self.stage("sample", dataclasses.asdict(c.sample), lambda: self.sample(aesthetic["bands"]))
         accuracy = self.stage("evaluate", encoder, lambda: self.evaluate(clip))
         from pipelines.report import write_report
 
@@ -473,6 +471,7 @@ class Pipeline:
             "outputs": [self.path("clip")],
             "clip_model": result.clip_model,
             "holdout_shards": result.holdout_shards,
+            "holdout_recall": result.holdout_recall,  # measured by the fit, on the same held-out shards
             "loss": result.loss_final,
         }
 
@@ -504,20 +503,16 @@ class Pipeline:
 
     def aesthetic(self) -> dict[str, Any]:
         """Score the main database (a head fitted to the data's ratings, or LAION's), then quantile bands."""
-        import pandas as pd
-
         from pipelines.aesthetic import FitConfig, ScoreConfig, SubindexConfig, fit, score, subindex
+        from retrieval.database import Database
 
         a, db = self.config.aesthetic, self.path("db", "main")
         fitted: dict[str, Any] = {}
         head = a.head
         if a.head == "fit":
             col = self.config.data.rating_col
-            meta = pd.concat(
-                pd.read_parquet(os.path.join(db, "metadata", f))
-                for f in sorted(os.listdir(os.path.join(db, "metadata")))
-                if f.startswith("metadata_") and f.endswith(".parquet")
-            )
+            database = Database.open(db)
+            meta = database.metadata(database.ids)
             if col not in meta.columns:
                 raise ValueError(
                     f"aesthetic.head is fit but the main URL list has no {col!r} column; add ratings there "
@@ -574,7 +569,8 @@ class Pipeline:
         from diffusion.config import TrainConfig
         from diffusion.train import train
 
-        g = self.config.generator
+        training = dataclasses.asdict(self.config.generator)  # TrainConfig's fields, but for the model's
+        del training["preset"], training["model"]
         db = self.path("db", "main")
         result = train(
             TrainConfig(
@@ -582,16 +578,7 @@ class Pipeline:
                 neighbours=os.path.join(db, "neighbours"),
                 output=self.path("run"),
                 model=model,
-                steps=g.steps,
-                batch_size_per_worker=g.batch_size_per_worker,
-                lr=g.lr,
-                warmup_steps=g.warmup_steps,
-                ema_decay=g.ema_decay,
-                num_workers=g.num_workers,
-                use_gpu=g.use_gpu,
-                log_every=g.log_every,
-                checkpoint_every=g.checkpoint_every,
-                seed=g.seed,
+                **training,
             ),
             ray_address=self.config.ray_address,
         )
@@ -608,7 +595,6 @@ class Pipeline:
         """The prompts against the main database, the second database, and each aesthetic band of the main."""
         from diffusion.sample import SampleConfig, sample
 
-        s = self.config.sample
         targets: list[tuple[str, str, str | None]] = [("main", "main", None)]
         if "ood" in self.databases():
             targets.append(("ood", "ood", None))
@@ -621,22 +607,18 @@ class Pipeline:
                     database=self.path("db", db),
                     band=band,
                     output=self.path("samples", name),
-                    prompts=s.prompts,
-                    guidance=s.guidance,
-                    steps=s.steps,
-                    sampler=s.sampler,
-                    num_per_prompt=s.num_per_prompt,
-                    seed=s.seed,
+                    **dataclasses.asdict(self.config.sample),  # SampleConfig's fields of the same names
                 )
             )
             done[name] = {"database": db, "band": band, "folder": self.path("samples", name)}
         return {"outputs": [self.path("samples")], "targets": done}
 
     def evaluate(self, clip: dict[str, Any]) -> dict[str, Any]:
-        """Text->image retrieval accuracy of the encoder on the held-out shards' captions."""
+        """Text->image retrieval accuracy of the encoder on the held-out shards' captions (the fit measured it
+        already; a named CLIP is measured here)."""
         from pipelines.clip_train import retrieval_accuracy
 
-        acc = retrieval_accuracy(clip["clip_model"], clip["holdout_shards"])
+        acc = clip.get("holdout_recall") or retrieval_accuracy(clip["clip_model"], clip["holdout_shards"])
         acc = {k: {str(n): v for n, v in r.items()} if isinstance(r, dict) else r for k, r in acc.items()}
         return {"inputs": clip["holdout_shards"], **acc}
 

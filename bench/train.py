@@ -1,15 +1,20 @@
-"""Training benchmark: our Ray Train loop (Ray Data streaming from shards + neighbour tables) vs a bare PyTorch
-loop over the same rows held in memory, same model, optimizer, loss, EMA and batch size, in one run.
+"""Training benchmark: our Ray Train loop (Ray Data streaming from shards + neighbour tables) against two bare
+PyTorch loops on the same machine with no Ray running: same model, optimizer, loss, EMA, batch size and
+checkpoint, in one run.
 
 1. Data: --num-images generated captioned images served on 127.0.0.1, through our download, embed (a
    random-init ViT-S-32, 384-d), index and neighbours (k = the model's) stages under --workdir (reused).
-2. Ours: diffusion.train.train with one worker; samples/s and data-wait fraction from its metrics, first
-   report window (start-up, first batches) excluded.
-3. Bare: diffusion.data.load_part on every part into memory once (not timed), then a plain loop drawing
-   shuffled batches; samples/s over the same windows, the first excluded.
-Prints both rates, the ratio (target >= 0.9) and our data-wait fraction (target < 5%).
+2. Bare, DataLoader: a torch DataLoader with one worker process streaming the same parts in the same order
+   through the same load_part (what a plain PyTorch script reading these shards would do).
+3. Bare, in memory: every part decoded once up front (not timed), then shuffled batches drawn; an upper bound
+   with no data loading at all.
+4. Ours: diffusion.train.train with one worker (Ray started afresh); samples/s and data-wait fraction from its
+   metrics.
+The three loops take turns, --repeats times, so a slow spell of the machine hits all of them; the first report
+window (start-up, first batches) is left out of every mean. Prints each repeat's means, the medians, our ratio
+to each bare loop (target >= 0.9) and our data-wait fraction (target < 5%).
 
-    .venv/bin/python bench/train.py --num-images 1024 --steps 120 --preset small
+    .venv/bin/python bench/train.py --num-images 1024 --steps 240 --preset small
 """
 
 from __future__ import annotations
@@ -36,12 +41,21 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument(
         "--num-images", type=int, default=1024, help="images in the database (default: %(default)s)"
     )
-    p.add_argument("--steps", type=int, default=120, help="optimizer steps per loop (default: %(default)s)")
+    p.add_argument("--steps", type=int, default=240, help="optimizer steps per loop (default: %(default)s)")
     p.add_argument(
         "--windows", type=int, default=6, help="report windows; the first is excluded (default: 6)"
     )
     p.add_argument("--preset", default="small", help="model preset (default: %(default)s)")
     p.add_argument("--batch-size", type=int, default=32, help="images per step (default: %(default)s)")
+    p.add_argument(
+        "--torch-threads",
+        type=int,
+        default=None,
+        help="intra-op threads in all three loops (default: ours picks them, the bare loops use the same number)",
+    )
+    p.add_argument(
+        "--repeats", type=int, default=3, help="runs of each loop, alternating; medians reported (default: 3)"
+    )
     p.add_argument("--workdir", default="/tmp/knn_bench_train", help="where data and runs live")
     p.add_argument("--json-out", default=None, help="also write the results as JSON here")
     return p.parse_args(argv)
@@ -86,24 +100,60 @@ def make_data(workdir: str, num_images: int, k: int) -> tuple[str, str]:
     return db, neighbours
 
 
-def bare_loop(config, windows: int) -> list[float]:  # type: ignore[no-untyped-def]
-    """samples/s per window of a plain PyTorch loop over in-memory rows (same model, optimizer, loss, EMA)."""
+class PartStream(torch.utils.data.IterableDataset):
+    """The rows of our stream (diffusion.data.epoch_items, load_part) for a plain PyTorch DataLoader."""
+
+    def __init__(self, config, items: list[dict]) -> None:  # type: ignore[no-untyped-def]
+        self.config, self.items = config, items
+
+    def __iter__(self):  # type: ignore[no-untyped-def]
+        from diffusion.data import epoch_items, load_part
+
+        c = self.config
+        for item in epoch_items(self.items, 10**6, c.seed):
+            part = load_part({k: np.array([v]) for k, v in item.items()}, c.db, c.model.image_size, c.model.k)
+            for i in range(len(part["image"])):
+                yield {k: v[i] for k, v in part.items()}
+
+
+def bare_batches(config, source: str):  # type: ignore[no-untyped-def]
+    """Endless batches: "memory" (every part decoded once up front, untimed, then shuffled batches drawn) or
+    "dataloader" (a torch DataLoader with one worker process streaming the parts as our pipeline does)."""
+    from diffusion.data import load_part, part_items
+
+    items = part_items(config)
+    bs = config.batch_size_per_worker
+    if source == "dataloader":
+        loader = torch.utils.data.DataLoader(
+            PartStream(config, items), batch_size=bs, num_workers=1, prefetch_factor=8, drop_last=True
+        )
+        yield from loader
+        return
+    parts = [
+        load_part(
+            {k: np.array([v]) for k, v in item.items()}, config.db, config.model.image_size, config.model.k
+        )
+        for item in items
+    ]
+    rows = {k: torch.from_numpy(np.concatenate([p[k] for p in parts])) for k in parts[0]}
+    n = len(rows["image"])
+    while True:
+        order = torch.randperm(n)
+        for pos in range(0, n - bs + 1, bs):
+            idx = order[pos : pos + bs]
+            yield {k: v[idx] for k, v in rows.items()}
+
+
+def bare_loop(config, windows: int, checkpoint_dir: str, source: str) -> tuple[list[float], float]:  # type: ignore[no-untyped-def]
+    """(samples/s per window, data-wait fraction after the first window) of a plain PyTorch loop (same model,
+    optimizer, loss, EMA, and the same checkpoint written at the same steps) fed by bare_batches(source)."""
     from timm.utils import ModelEmaV3
 
-    from diffusion.data import load_part, part_items
     from diffusion.loss import diffusion_loss
     from diffusion.model import KnnDenoiser
     from diffusion.schedule import cosine_alphas_cumprod
     from diffusion.train import autocast_dtype, condition_of
 
-    parts = [
-        load_part(
-            {k: np.array([v]) for k, v in item.items()}, config.db, config.model.image_size, config.model.k
-        )
-        for item in part_items(config)
-    ]
-    rows = {k: torch.from_numpy(np.concatenate([p[k] for p in parts])) for k in parts[0]}
-    n = len(rows["image"])
     torch.manual_seed(config.seed)
     model = KnnDenoiser(config.model)
     ema = ModelEmaV3(model, decay=config.ema_decay, use_warmup=True)  # short runs: the decay ramps up
@@ -111,17 +161,15 @@ def bare_loop(config, windows: int) -> list[float]:  # type: ignore[no-untyped-d
     abar = cosine_alphas_cumprod(config.num_timesteps).float()
     gen = torch.Generator().manual_seed(config.seed)
     amp = autocast_dtype(torch.device("cpu"), config.precision)
-    bs = config.batch_size_per_worker
     per_window = config.steps // windows
-    rates, order, pos, step = [], torch.randperm(n), 0, 0
+    batches = bare_batches(config, source)
+    rates, waits, step = [], [], 0
     for _ in range(windows):
-        start = time.perf_counter()
+        start, wait = time.perf_counter(), 0.0
         for _ in range(per_window):
-            if pos + bs > n:
-                order, pos = torch.randperm(n), 0
-            idx = order[pos : pos + bs]
-            pos += bs
-            batch = {k: v[idx] for k, v in rows.items()}
+            tic = time.perf_counter()
+            batch = next(batches)
+            wait += time.perf_counter() - tic
             x0 = batch["image"].permute(0, 3, 1, 2).float() / 127.5 - 1
             with torch.autocast("cpu", dtype=amp) if amp else torch.autocast("cpu", enabled=False):
                 loss = diffusion_loss(
@@ -138,8 +186,23 @@ def bare_loop(config, windows: int) -> list[float]:  # type: ignore[no-untyped-d
             opt.step()
             ema.update(model, step=step)
             step += 1
-        rates.append(per_window * bs / (time.perf_counter() - start))
-    return rates
+            if step % config.checkpoint_every == 0 or step == config.steps:
+                state = {
+                    "model": model.state_dict(),
+                    "ema": ema.module.state_dict(),
+                    "optimizer": opt.state_dict(),
+                    "step": step,
+                    "config": json.dumps(config.to_dict()),
+                }
+                torch.save(state, os.path.join(checkpoint_dir, "state.pt.tmp"))
+                os.replace(
+                    os.path.join(checkpoint_dir, "state.pt.tmp"), os.path.join(checkpoint_dir, "state.pt")
+                )
+        seconds = time.perf_counter() - start
+        rates.append(per_window * config.batch_size_per_worker / seconds)
+        waits.append(wait / seconds)
+    batches.close()  # stops the DataLoader's worker process
+    return rates, float(np.mean(waits[1:]))
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -149,7 +212,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     args = parse_args(argv)
     mc = model_config(args.preset, cond_dim=384)
-    init_ray(None)
+    init_ray(None)  # for the stages that build the data
     db, neighbours = make_data(args.workdir, args.num_images, mc.k)
     out = os.path.join(args.workdir, "run")
     shutil.rmtree(out, ignore_errors=True)
@@ -164,29 +227,67 @@ def main(argv: list[str] | None = None) -> dict:
         log_every=per_window,
         checkpoint_every=per_window * args.windows,
         num_workers=1,
+        torch_threads=args.torch_threads,
     )
-    train(config)
-    rows = read_metrics(os.path.join(out, "metrics.csv"))[1:]
-    ours = float(np.mean([r["samples_per_s"] for r in rows]))
-    wait = float(np.mean([r["data_wait_fraction"] for r in rows]))
-    bare = float(np.mean(bare_loop(config, args.windows)[1:]))
+    import ray
+
+    threads = args.torch_threads or os.cpu_count() or 1  # ours, by default: the whole node for one worker
+    if (
+        torch.get_num_threads() != threads
+    ):  # as our workers do: set_num_threads turns MKL's dynamic threading off
+        torch.set_num_threads(threads)
+    bare_dir = os.path.join(args.workdir, "bare_run")
+    os.makedirs(bare_dir, exist_ok=True)
+    arms = ("ours", "bare_dataloader", "bare_memory")
+    windows: dict[str, list[list[float]]] = {arm: [] for arm in arms}
+    waits: dict[str, list[float]] = {"ours": [], "bare_dataloader": []}
+    for repeat in range(args.repeats):  # the arms alternate, so a slow spell of the machine hits all of them
+        ray.shutdown()  # the bare loops run with no Ray on the machine, as a plain PyTorch script would
+        rates, wait = bare_loop(config, args.windows, bare_dir, "dataloader")
+        windows["bare_dataloader"].append(rates)
+        waits["bare_dataloader"].append(wait)
+        windows["bare_memory"].append(bare_loop(config, args.windows, bare_dir, "memory")[0])
+        config.output = os.path.join(out, f"repeat_{repeat}")
+        train(config)  # starts its own Ray
+        rows = read_metrics(os.path.join(config.output, "metrics.csv"))
+        windows["ours"].append([r["samples_per_s"] for r in rows])
+        waits["ours"].append(float(np.mean([r["data_wait_fraction"] for r in rows[1:]])))
+    means = {arm: [float(np.mean(w[1:])) for w in windows[arm]] for arm in arms}  # window 1 (start-up) out
+    ours, loader, memory = (float(np.median(means[arm])) for arm in arms)
+    ours_wait = float(np.median(waits["ours"]))
     result = {
         "preset": args.preset,
         "num_images": args.num_images,
         "steps": config.steps,
         "batch_size": args.batch_size,
+        "torch_threads": threads,
+        "repeats": args.repeats,
+        "windows": windows,
+        "means": means,
         "ours_samples_per_s": ours,
-        "bare_samples_per_s": bare,
-        "ratio": ours / bare,
-        "ours_data_wait_fraction": wait,
-        "torch_threads_driver": torch.get_num_threads(),
+        "bare_dataloader_samples_per_s": loader,
+        "bare_memory_samples_per_s": memory,
+        "ratio_to_dataloader": ours / loader,
+        "ratio_to_memory": ours / memory,
+        "ours_data_wait_fraction": ours_wait,
+        "bare_dataloader_data_wait_fraction": float(np.median(waits["bare_dataloader"])),
     }
-    print(f"\n{'':24s}{'ours (Ray Train + Ray Data)':>30s}{'bare PyTorch (in memory)':>28s}")
-    print(f"{'samples/s':24s}{ours:>30.1f}{bare:>28.1f}")
-    print(f"{'data wait fraction':24s}{wait:>30.1%}{'0 (preloaded)':>28s}")
+    cols = ("ours: Ray Train + Ray Data", "bare: DataLoader", "bare: in memory")
+    print(f"\n{'samples/s':24s}" + "".join(f"{c:>30s}" for c in cols))
+    for r in range(args.repeats):
+        print(
+            f"{f'  repeat {r + 1}, windows 2-{args.windows}':24s}"
+            + "".join(f"{means[arm][r]:>30.1f}" for arm in arms)
+        )
+    print(f"{'  median':24s}" + "".join(f"{v:>30.1f}" for v in (ours, loader, memory)))
     print(
-        f"\ntrain bench: {args.preset} model, batch {args.batch_size}, {config.steps} steps: ours {ours:.1f} vs bare "
-        f"{bare:.1f} samples/s = {ours / bare:.2f}x, data wait {wait:.1%}"
+        f"{'data wait (median)':24s}{ours_wait:>30.1%}{result['bare_dataloader_data_wait_fraction']:>30.1%}"
+    )
+    print(
+        f"\ntrain bench: {args.preset} model, batch {args.batch_size}, {config.steps} steps, {args.num_images} images, "
+        f"{threads} torch threads, {args.repeats} repeats: ours {ours:.1f} samples/s = {ours / loader:.2f}x a bare "
+        f"DataLoader loop ({loader:.1f}), {ours / memory:.2f}x a bare in-memory loop ({memory:.1f}); "
+        f"data wait {ours_wait:.1%}"
     )
     if args.json_out:
         with open(args.json_out, "w") as f:

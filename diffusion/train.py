@@ -84,7 +84,9 @@ def train_loop_per_worker(cfg: dict[str, Any]) -> None:
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     device = ray.train.torch.get_device()
-    if config.torch_threads:
+    if config.torch_threads and torch.get_num_threads() != config.torch_threads:
+        # normally OMP_NUM_THREADS (set for the workers by train()) has done this; set_num_threads also turns
+        # MKL's dynamic threading off, which costs the small model 5-10% (bench/train.py)
         torch.set_num_threads(config.torch_threads)
     torch.manual_seed(config.seed)
     model = KnnDenoiser(config.model)
@@ -328,6 +330,10 @@ def train(config: TrainConfig, ray_address: str | None = None) -> dict[str, Any]
             failure_config=FailureConfig(max_failures=config.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=2),
             callbacks=[_metrics_callback(config)],
+            # torch sizes its thread pool from this at start-up; Ray would otherwise set it to the reserved CPUs
+            worker_runtime_env={"env_vars": {"OMP_NUM_THREADS": str(config.torch_threads)}}
+            if config.torch_threads
+            else None,
         ),
         datasets={"train": dataset},
     )

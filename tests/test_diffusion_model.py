@@ -157,6 +157,36 @@ def test_tiny_model_overfits_a_handful_of_images():
     assert sum(losses[-40:]) < 0.7 * sum(losses[:40])
 
 
+def test_bf16_autocast_matches_fp32_and_is_chosen_only_where_fast(monkeypatch):
+    """Mixed precision: the loss and its gradients under bf16 autocast agree with fp32 (same draws), and
+    "auto" picks bf16 only where the hardware computes it fast (CUDA with bf16, CPUs with AMX)."""
+    import retrieval.clip_model
+    from diffusion.train import autocast_dtype
+
+    model = tiny()
+    x0 = torch.rand(8, 3, 16, 16) * 2 - 1
+    cond = cond_of(8)
+    abar = cosine_alphas_cumprod(T).float()
+    results = []
+    for dtype in (None, torch.bfloat16):
+        model.zero_grad()
+        with torch.autocast("cpu", dtype=dtype) if dtype else torch.autocast("cpu", enabled=False):
+            loss = diffusion_loss(model, x0, cond, abar, 0.0, torch.Generator().manual_seed(0))
+        loss.backward()
+        grads = torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None])
+        results.append((loss.item(), grads))
+    (fp32_loss, fp32_grads), (bf16_loss, bf16_grads) = results
+    assert torch.isfinite(bf16_grads).all()
+    assert abs(bf16_loss - fp32_loss) < 0.02 * fp32_loss, (fp32_loss, bf16_loss)
+    assert torch.nn.functional.cosine_similarity(fp32_grads, bf16_grads, dim=0) > 0.99
+    cpu = torch.device("cpu")
+    assert autocast_dtype(cpu, "fp32") is None and autocast_dtype(cpu, "bf16") is torch.bfloat16
+    monkeypatch.setattr(retrieval.clip_model, "cpu_flags", lambda: {"avx512f"})
+    assert autocast_dtype(cpu, "auto") is None
+    monkeypatch.setattr(retrieval.clip_model, "cpu_flags", lambda: {"avx512f", "amx_bf16"})
+    assert autocast_dtype(cpu, "auto") is torch.bfloat16
+
+
 def test_q_sample_and_schedule():
     abar = cosine_alphas_cumprod(1000)
     assert abar[0] > 0.999 and abar[-1] < 1e-4 and (abar.diff() < 0).all()

@@ -240,17 +240,10 @@ class ClipTrainResult:
 
 
 def list_done_shards(folder: str) -> list[tuple[str, int]]:
-    """(tar path, successes) of the finished shards (those with a _stats.json), by shard number."""
-    if not os.path.isdir(folder):
-        raise FileNotFoundError(f"--shards {folder} does not exist; run `knn-diffusion download` first")
-    found = []
-    for name in os.listdir(folder):
-        match = re.fullmatch(r"(\d+)_stats\.json", name)
-        tar = os.path.join(folder, f"{match.group(1)}.tar") if match else ""
-        if match and os.path.exists(tar):
-            with open(os.path.join(folder, name)) as f:
-                found.append((int(match.group(1)), tar, int(json.load(f)["successes"])))
-    return [(tar, n) for _, tar, n in sorted(found)]
+    """(tar path, images) of the finished shards with images (embed.finished_shards), by shard number."""
+    from pipelines.embed import finished_shards
+
+    return [shard for _, shard in sorted(finished_shards(folder).items())]
 
 
 def split_shards(

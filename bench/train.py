@@ -147,17 +147,10 @@ def bare_batches(config, source: str):  # type: ignore[no-untyped-def]
 def bare_loop(config, windows: int, checkpoint_dir: str, source: str) -> tuple[list[float], float]:  # type: ignore[no-untyped-def]
     """(samples/s per window, data-wait fraction after the first window) of a plain PyTorch loop (same model,
     optimizer, loss, EMA, and the same checkpoint written at the same steps) fed by bare_batches(source)."""
-    from timm.utils import ModelEmaV3
-
-    from diffusion.loss import diffusion_loss
-    from diffusion.model import KnnDenoiser
     from diffusion.schedule import cosine_alphas_cumprod
-    from diffusion.train import autocast_dtype, condition_of
+    from diffusion.train import autocast_dtype, checkpoint_state, new_training_state, training_step
 
-    torch.manual_seed(config.seed)
-    model = KnnDenoiser(config.model)
-    ema = ModelEmaV3(model, decay=config.ema_decay, use_warmup=True)  # short runs: the decay ramps up
-    opt = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+    model, ema, opt = new_training_state(config)
     abar = cosine_alphas_cumprod(config.num_timesteps).float()
     gen = torch.Generator().manual_seed(config.seed)
     amp = autocast_dtype(torch.device("cpu"), config.precision)
@@ -170,34 +163,12 @@ def bare_loop(config, windows: int, checkpoint_dir: str, source: str) -> tuple[l
             tic = time.perf_counter()
             batch = next(batches)
             wait += time.perf_counter() - tic
-            x0 = batch["image"].permute(0, 3, 1, 2).float() / 127.5 - 1
-            with torch.autocast("cpu", dtype=amp) if amp else torch.autocast("cpu", enabled=False):
-                loss = diffusion_loss(
-                    model,
-                    x0,
-                    condition_of(batch, config.model.use_knn),
-                    abar,
-                    config.model.cond_drop_prob,
-                    gen,
-                )
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
-            opt.step()
-            ema.update(model, step=step)
+            training_step(model, ema, opt, batch, step, config, abar, gen, amp)
             step += 1
             if step % config.checkpoint_every == 0 or step == config.steps:
-                state = {
-                    "model": model.state_dict(),
-                    "ema": ema.module.state_dict(),
-                    "optimizer": opt.state_dict(),
-                    "step": step,
-                    "config": json.dumps(config.to_dict()),
-                }
-                torch.save(state, os.path.join(checkpoint_dir, "state.pt.tmp"))
-                os.replace(
-                    os.path.join(checkpoint_dir, "state.pt.tmp"), os.path.join(checkpoint_dir, "state.pt")
-                )
+                tmp = os.path.join(checkpoint_dir, "state.pt.tmp")
+                torch.save(checkpoint_state(model, ema, opt, step, config), tmp)
+                os.replace(tmp, os.path.join(checkpoint_dir, "state.pt"))
         seconds = time.perf_counter() - start
         rates.append(per_window * config.batch_size_per_worker / seconds)
         waits.append(wait / seconds)

@@ -70,14 +70,78 @@ def condition_of(batch: dict[str, torch.Tensor], use_knn: bool) -> dict[str, tor
     return cond
 
 
+def unwrap(model: torch.nn.Module) -> torch.nn.Module:
+    """The module inside DDP (what the EMA tracks and checkpoints hold)."""
+    return model.module if isinstance(model, torch.nn.parallel.DistributedDataParallel) else model
+
+
+def new_training_state(config: TrainConfig) -> tuple[Any, Any, torch.optim.Optimizer]:
+    """(model, its EMA, optimizer) as a run starts them, seeded by config.seed."""
+    from timm.utils import ModelEmaV3
+
+    from diffusion.model import KnnDenoiser
+
+    torch.manual_seed(config.seed)
+    model = KnnDenoiser(config.model)
+    ema = ModelEmaV3(model, decay=config.ema_decay, use_warmup=True)  # short runs: the decay ramps up
+    opt = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+    return model, ema, opt
+
+
+def training_step(
+    model: torch.nn.Module,
+    ema: Any,
+    opt: torch.optim.Optimizer,
+    batch: dict[str, torch.Tensor],
+    step: int,
+    config: TrainConfig,
+    alphas_cumprod: torch.Tensor,
+    generator: torch.Generator,
+    amp: torch.dtype | None,
+) -> tuple[torch.Tensor, float]:
+    """One optimizer step on a batch of rows (diffusion.data): warmup lr, loss under autocast when amp is set,
+    clipped gradients, the EMA update. Returns (the detached loss, the lr used)."""
+    from diffusion.loss import diffusion_loss
+
+    x0 = batch["image"].permute(0, 3, 1, 2).float() / 127.5 - 1
+    lr = config.lr * min(1.0, (step + 1) / max(config.warmup_steps, 1))
+    for group in opt.param_groups:
+        group["lr"] = lr
+    with torch.autocast(x0.device.type, dtype=amp) if amp else nullcontext():
+        loss = diffusion_loss(
+            model,
+            x0,
+            condition_of(batch, config.model.use_knn),
+            alphas_cumprod,
+            config.model.cond_drop_prob,
+            generator,
+        )
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
+    opt.step()
+    ema.update(unwrap(model), step=step)
+    return loss.detach(), lr
+
+
+def checkpoint_state(
+    model: torch.nn.Module, ema: Any, opt: torch.optim.Optimizer, step: int, config: TrainConfig
+) -> dict[str, Any]:
+    """What a checkpoint's state.pt holds (model is the unwrapped module)."""
+    return {
+        "model": model.state_dict(),
+        "ema": ema.module.state_dict(),
+        "optimizer": opt.state_dict(),
+        "step": step,
+        "config": json.dumps(config.to_dict()),
+    }
+
+
 def train_loop_per_worker(cfg: dict[str, Any]) -> None:
     """One worker's loop (also runs alone with one CPU worker)."""
     import ray.train
     import ray.train.torch
-    from timm.utils import ModelEmaV3
 
-    from diffusion.loss import diffusion_loss
-    from diffusion.model import KnnDenoiser
     from diffusion.schedule import cosine_alphas_cumprod
 
     config = TrainConfig.from_dict(cfg)
@@ -88,10 +152,7 @@ def train_loop_per_worker(cfg: dict[str, Any]) -> None:
         # normally OMP_NUM_THREADS (set for the workers by train()) has done this; set_num_threads also turns
         # MKL's dynamic threading off, which costs the small model 5-10% (bench/train.py)
         torch.set_num_threads(config.torch_threads)
-    torch.manual_seed(config.seed)
-    model = KnnDenoiser(config.model)
-    ema = ModelEmaV3(model, decay=config.ema_decay, use_warmup=True)  # short runs: the decay ramps up
-    opt = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+    model, ema, opt = new_training_state(config)
     step = 0
     checkpoint = ray.train.get_checkpoint()
     if checkpoint:
@@ -104,7 +165,7 @@ def train_loop_per_worker(cfg: dict[str, Any]) -> None:
     start_step = step
     ema.module.to(device)
     model = ray.train.torch.prepare_model(model)
-    raw = model.module if hasattr(model, "module") else model
+    raw = unwrap(model)
     abar = cosine_alphas_cumprod(config.num_timesteps).to(device=device, dtype=torch.float32)
     gen = torch.Generator(device=device).manual_seed(config.seed + 1_000_003 * rank + step)
     amp = autocast_dtype(device, config.precision)
@@ -121,26 +182,9 @@ def train_loop_per_worker(cfg: dict[str, Any]) -> None:
             prefetch_batches=8,
         ):
             window["wait"] += time.perf_counter() - tic
-            x0 = batch["image"].permute(0, 3, 1, 2).float() / 127.5 - 1
-            lr = config.lr * min(1.0, (step + 1) / max(config.warmup_steps, 1))
-            for group in opt.param_groups:
-                group["lr"] = lr
-            with torch.autocast(device.type, dtype=amp) if amp else nullcontext():
-                loss = diffusion_loss(
-                    model,
-                    x0,
-                    condition_of(batch, config.model.use_knn),
-                    abar,
-                    config.model.cond_drop_prob,
-                    gen,
-                )
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
-            opt.step()
-            ema.update(raw, step=step)
+            loss, lr = training_step(model, ema, opt, batch, step, config, abar, gen, amp)
             step += 1
-            window["loss"] += float(loss.detach())
+            window["loss"] += float(loss)
             window["n"] += 1
             due_ckpt = step % config.checkpoint_every == 0 or step == config.steps
             if step % config.log_every == 0 or due_ckpt:
@@ -157,14 +201,9 @@ def train_loop_per_worker(cfg: dict[str, Any]) -> None:
                 if due_ckpt:
                     with tempfile.TemporaryDirectory() as d:
                         if rank == 0:
-                            state = {
-                                "model": raw.state_dict(),
-                                "ema": ema.module.state_dict(),
-                                "optimizer": opt.state_dict(),
-                                "step": step,
-                                "config": json.dumps(config.to_dict()),
-                            }
-                            torch.save(state, os.path.join(d, STATE_FILE))
+                            torch.save(
+                                checkpoint_state(raw, ema, opt, step, config), os.path.join(d, STATE_FILE)
+                            )
                         ckpt = ray.train.Checkpoint.from_directory(d) if rank == 0 else None
                         ray.train.report(metrics, checkpoint=ckpt)
                 else:
@@ -282,9 +321,8 @@ def train(config: TrainConfig, ray_address: str | None = None) -> dict[str, Any]
     from pipelines.ray_env import init_ray
 
     start = time.time()
-    items = part_items(
-        config
-    )  # check the inputs (files, dimensions, k) before anything is written or started
+    # check the inputs (files, dimensions, k) before anything is written or started
+    items = part_items(config)
     output = config.output if "://" in config.output else os.path.abspath(config.output)
     config.output = output
     fs, root = fsspec.core.url_to_fs(output)
@@ -331,9 +369,7 @@ def train(config: TrainConfig, ray_address: str | None = None) -> dict[str, Any]
             checkpoint_config=CheckpointConfig(num_to_keep=2),
             callbacks=[_metrics_callback(config)],
             # torch sizes its thread pool from this at start-up; Ray would otherwise set it to the reserved CPUs
-            worker_runtime_env={"env_vars": {"OMP_NUM_THREADS": str(config.torch_threads)}}
-            if config.torch_threads
-            else None,
+            worker_runtime_env={"env_vars": {"OMP_NUM_THREADS": str(config.torch_threads)}},
         ),
         datasets={"train": dataset},
     )

@@ -122,9 +122,8 @@ class DownloadSummary:
     failed_to_resize: int
     top_errors: list[tuple[str, int]]
     seconds: float
-    failed_shards: list[int] = dataclasses.field(
-        default_factory=list
-    )  # gave up on these; a rerun retries them
+    # shards given up on; a rerun retries them
+    failed_shards: list[int] = dataclasses.field(default_factory=list)
 
     def line(self) -> str:
         errors = "; ".join(f"{n}x {msg[:80]}" for msg, n in self.top_errors[:3])

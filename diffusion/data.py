@@ -50,6 +50,10 @@ def part_items(config: TrainConfig) -> list[dict[str, str]]:
         raise ValueError(f"--db {config.db} does not record its shards; pass --shards")
     emb_dir = os.path.join(config.db, "img_emb")
     parts = sorted(f[len("img_emb_") : -len(".npy")] for f in os.listdir(emb_dir) if f.endswith(".npy"))
+    unknown = sorted(set(config.exclude_parts) - set(parts))
+    if unknown:
+        raise ValueError(f"exclude_parts {unknown} are not parts of --db {config.db} (its parts: {parts})")
+    parts = [p for p in parts if p not in config.exclude_parts]
     items = []
     for part in parts:
         item = {
@@ -76,7 +80,8 @@ def _database(db: str) -> Any:
     return Database.open(db)
 
 
-def _decode(data: bytes, size: int) -> np.ndarray:
+def decode_image(data: bytes, size: int) -> np.ndarray:
+    """Encoded image bytes -> [size, size, 3] uint8: centre-cropped to a square, resized (bicubic)."""
     from PIL import Image
 
     image = Image.open(io.BytesIO(data)).convert("RGB")
@@ -123,7 +128,7 @@ def load_part(batch: dict[str, np.ndarray], db: str, image_size: int, k: int) ->
         raise ValueError(f"{item['tar']} lacks images {missing[:5]} that the database lists; re-run embed")
     order = np.random.default_rng([zlib.crc32(item["tar"].encode()), epoch]).permutation(len(ids))
     return {
-        "image": np.stack([_decode(images[int(ids[i])], image_size) for i in order]),
+        "image": np.stack([decode_image(images[int(ids[i])], image_size) for i in order]),
         "query": emb[order].astype(np.float32),
         "neighbours": nb_emb[order].astype(np.float16),
         "valid": valid[order],

@@ -72,12 +72,55 @@ class Block(nn.Module):
         return x + g3[:, None] * self.mlp(modulate(self.norm3(x), s3, sc3))
 
 
-class KnnDenoiser(nn.Module):
-    """forward(x [B,C,H,W], t [B], query [B,D], neighbours [B,k,D] | None, valid [B,k] | None, drop [B] | None).
+class ConditionTokens(nn.Module):
+    """KNN-Diffusion's condition as tokens [B, 1 + k, W] (or [B, 1, W] without kNN): the query CLIP embedding
+    [B, D] and its k neighbours' [B, k, D], each projected to the width W and marked by a type embedding.
 
-    valid marks real neighbours (missing ones, id -1 in the table, become that slot's null token);
-    drop marks samples whose whole condition is replaced by the null tokens (classifier-free guidance).
+    valid [B, k] marks real neighbours (missing ones, id -1 in the table, become that slot's null token);
+    drop [B] replaces the whole condition by the learned null tokens (classifier-free guidance); drop_query [B]
+    replaces the query token alone, so that the network learns to draw from the neighbours (at training the
+    query is the image's own embedding, at inference a text embedding). Shared by every backbone.
     """
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.config = config
+        w = config.width
+        self.num_tokens = 1 + (config.k if config.use_knn else 0)
+        self.proj = nn.Linear(config.cond_dim, w)
+        self.type_embed = nn.Parameter(torch.zeros(2, w))  # 0: query, 1: neighbour
+        self.null_tokens = nn.Parameter(torch.randn(self.num_tokens, w) * 0.02)
+
+    def forward(
+        self,
+        query: torch.Tensor,
+        neighbours: torch.Tensor | None = None,
+        valid: torch.Tensor | None = None,
+        drop: torch.Tensor | None = None,
+        drop_query: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        tokens = (self.proj(query.to(self.proj.weight.dtype)) + self.type_embed[0])[:, None]
+        if drop_query is not None and self.config.use_knn:  # without neighbours it would drop everything
+            tokens = torch.where(drop_query[:, None, None], self.null_tokens[:1].expand_as(tokens), tokens)
+        if self.config.use_knn:
+            if neighbours is None:
+                raise ValueError(
+                    "this model was configured with use_knn: it needs neighbour embeddings [B, k, D]"
+                )
+            if neighbours.shape[1] != self.config.k:
+                raise ValueError(f"expected {self.config.k} neighbours per sample, got {neighbours.shape[1]}")
+            nb = self.proj(neighbours.to(self.proj.weight.dtype)) + self.type_embed[1]
+            if valid is not None:
+                nb = torch.where(valid[..., None], nb, self.null_tokens[1:].expand_as(nb))
+            tokens = torch.cat([tokens, nb], dim=1)
+        if drop is not None:
+            tokens = torch.where(drop[:, None, None], self.null_tokens.expand_as(tokens), tokens)
+        return tokens
+
+
+class KnnDenoiser(nn.Module):
+    """forward(x [B,C,H,W], t [B], query [B,D], neighbours [B,k,D] | None, valid [B,k] | None, drop [B] | None,
+    drop_query [B] | None); the condition arguments are ConditionTokens'."""
 
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
@@ -88,10 +131,7 @@ class KnnDenoiser(nn.Module):
         pos = build_sincos2d_pos_embed([grid, grid], w)
         self.register_buffer("pos", pos.reshape(1, grid * grid, w), persistent=False)
         self.t_mlp = nn.Sequential(nn.Linear(w, w), nn.SiLU(), nn.Linear(w, w))
-        self.num_tokens = 1 + (config.k if config.use_knn else 0)
-        self.cond_proj = nn.Linear(config.cond_dim, w)
-        self.type_embed = nn.Parameter(torch.zeros(2, w))  # 0: query, 1: neighbour
-        self.null_tokens = nn.Parameter(torch.randn(self.num_tokens, w) * 0.02)
+        self.cond = ConditionTokens(config)
         self.pool_mlp = nn.Sequential(nn.Linear(w, w), nn.SiLU(), nn.Linear(w, w))
         self.blocks = nn.ModuleList(Block(w, config.num_heads, config.mlp_ratio) for _ in range(config.depth))
         self.final_norm = nn.LayerNorm(w, elementwise_affine=False, eps=1e-6)
@@ -112,30 +152,6 @@ class KnnDenoiser(nn.Module):
             nn.init.zeros_(layer.weight)
             nn.init.zeros_(layer.bias)
 
-    def condition_tokens(
-        self,
-        query: torch.Tensor,
-        neighbours: torch.Tensor | None = None,
-        valid: torch.Tensor | None = None,
-        drop: torch.Tensor | None = None,
-    ) -> torch.Tensor:
-        """[B, 1 + k, W] (or [B, 1, W] without kNN): projected embeddings, nulls where missing or dropped."""
-        tokens = (self.cond_proj(query.to(self.cond_proj.weight.dtype)) + self.type_embed[0])[:, None]
-        if self.config.use_knn:
-            if neighbours is None:
-                raise ValueError(
-                    "this model was configured with use_knn: it needs neighbour embeddings [B, k, D]"
-                )
-            if neighbours.shape[1] != self.config.k:
-                raise ValueError(f"expected {self.config.k} neighbours per sample, got {neighbours.shape[1]}")
-            nb = self.cond_proj(neighbours.to(self.cond_proj.weight.dtype)) + self.type_embed[1]
-            if valid is not None:
-                nb = torch.where(valid[..., None], nb, self.null_tokens[1:].expand_as(nb))
-            tokens = torch.cat([tokens, nb], dim=1)
-        if drop is not None:
-            tokens = torch.where(drop[:, None, None], self.null_tokens.expand_as(tokens), tokens)
-        return tokens
-
     def forward(
         self,
         x: torch.Tensor,
@@ -144,8 +160,9 @@ class KnnDenoiser(nn.Module):
         neighbours: torch.Tensor | None = None,
         valid: torch.Tensor | None = None,
         drop: torch.Tensor | None = None,
+        drop_query: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        cond = self.condition_tokens(query, neighbours, valid, drop)
+        cond = self.cond(query, neighbours, valid, drop, drop_query)
         c = self.t_mlp(timestep_embedding(t, self.config.width).to(cond.dtype)) + self.pool_mlp(
             cond.mean(dim=1)
         )
@@ -161,3 +178,12 @@ class KnnDenoiser(nn.Module):
         g = self.config.image_size // p
         h = h.view(h.shape[0], g, g, p, p, c)
         return torch.einsum("bhwpqc->bchpwq", h).reshape(h.shape[0], c, g * p, g * p)
+
+
+def build_network(config: ModelConfig) -> nn.Module:
+    """The denoising network config.arch names: "unet" (KnnUNet) or "dit" (KnnDenoiser)."""
+    if config.arch == "unet":
+        from diffusion.unet import KnnUNet
+
+        return KnnUNet(config)
+    return KnnDenoiser(config)

@@ -66,15 +66,95 @@ def load_model(checkpoint: str, use_ema: bool = True) -> tuple[torch.nn.Module, 
     """(model in eval mode, its training config, its step) from a run folder or state.pt (weights_only)."""
     import fsspec
 
-    from diffusion.model import KnnDenoiser
+    from diffusion.model import build_network
     from diffusion.train import latest_checkpoint
 
     with fsspec.open(latest_checkpoint(checkpoint)) as f:
         state = torch.load(f, map_location="cpu", weights_only=True)
     config = TrainConfig.from_dict(json.loads(state["config"]))
-    model = KnnDenoiser(config.model)
+    model = build_network(config.model)
     model.load_state_dict(state["ema" if use_ema else "model"])
     return model.eval(), config, int(state["step"])
+
+
+def retrieval_condition(
+    db: Any,
+    query: np.ndarray,
+    config: TrainConfig,
+    band: str | None = None,
+    exclude_ids: np.ndarray | None = None,
+) -> tuple[dict[str, torch.Tensor], Any]:
+    """The sampling condition for query embeddings [P, D] (text or image): {query, and with kNN neighbours
+    [P, k, D] + valid [P, k]} from the database's k nearest images (optionally within a band, never one of
+    exclude_ids), and the search result (None without kNN)."""
+    mc = config.model
+    if query.shape[1] != mc.cond_dim:
+        raise ValueError(
+            f"the database embeds with {db.info['clip_model']} ({query.shape[1]}-d) but the model was trained on "
+            f"{mc.cond_dim}-d embeddings; use a database embedded with the training CLIP"
+        )
+    cond: dict[str, torch.Tensor] = {"query": torch.from_numpy(np.ascontiguousarray(query, np.float32))}
+    if not mc.use_knn:
+        return cond, None
+    if exclude_ids is not None and len(exclude_ids):
+        found = _search_excluding(db, query, mc.k, band, np.asarray(exclude_ids, np.int64))
+    else:
+        found = db.search(query, mc.k, band=band)
+    valid = found.ids >= 0
+    nb = np.zeros((len(query), mc.k, mc.cond_dim), np.float32)
+    if valid.any():
+        nb[valid] = db.embeddings(found.ids[valid])
+    valid &= np.linalg.norm(nb, axis=-1) > 0  # a remote image that could not be fetched
+    cond.update(neighbours=torch.from_numpy(nb), valid=torch.from_numpy(valid))
+    return cond, found
+
+
+def _search_excluding(db: Any, query: np.ndarray, k: int, band: str | None, exclude: np.ndarray) -> Any:
+    """db.search with the excluded ids removed: searches k + len(exclude) deep (capped at the database size), so
+    k remain whenever the database has them; missing slots are -1."""
+    from retrieval.database import SearchResult
+
+    deep = db.search(query, min(k + len(exclude), max(len(db), k)), band=band)
+    keep = ~np.isin(deep.ids, exclude) & (deep.ids >= 0)
+    ids = np.full((len(query), k), -1, np.int64)
+    scores = np.full((len(query), k), -np.inf, np.float32)
+    for i in range(len(query)):
+        sel = np.flatnonzero(keep[i])[:k]
+        ids[i, : len(sel)], scores[i, : len(sel)] = deep.ids[i, sel], deep.scores[i, sel]
+    return SearchResult(ids=ids, scores=scores)
+
+
+def generate(
+    model: torch.nn.Module,
+    config: TrainConfig,
+    cond: dict[str, torch.Tensor],
+    sampler: str = "ddim",
+    steps: int = 50,
+    guidance: float = 3.0,
+    seed: int = 0,
+    batch_size: int = 64,
+) -> np.ndarray:
+    """One image per condition row, [N, H, W, 3] uint8, in batches of batch_size; deterministic for a seed
+    (each batch's noise is drawn from one seeded generator, in order)."""
+    from diffusion.precond import EpsDenoiser
+    from diffusion.samplers import SAMPLERS
+    from diffusion.schedule import cosine_alphas_cumprod, sampling_timesteps
+
+    mc = config.model
+    abar = cosine_alphas_cumprod(config.num_timesteps)
+    eps_model = EpsDenoiser(model, abar, config.prediction).eval()
+    timesteps = sampling_timesteps(config.num_timesteps, steps)
+    gen = torch.Generator().manual_seed(seed)
+    n = len(cond["query"])
+    out = []
+    for lo in range(0, n, batch_size):
+        part = {k: v[lo : lo + batch_size] for k, v in cond.items()}
+        x = torch.randn((len(part["query"]), mc.channels, mc.image_size, mc.image_size), generator=gen)
+        with torch.inference_mode():
+            out.append(
+                to_uint8(SAMPLERS[sampler](eps_model, x, timesteps, part, guidance, abar, generator=gen))
+            )
+    return np.concatenate(out)
 
 
 def to_uint8(x: torch.Tensor) -> np.ndarray:
@@ -95,7 +175,7 @@ def grid(images: list[np.ndarray], cols: int, pad: int = 2) -> np.ndarray:
     return out
 
 
-def _save_png(array: np.ndarray, path: str) -> None:
+def save_png(array: np.ndarray, path: str) -> None:
     from PIL import Image
 
     tmp = f"{path}.tmp-{os.getpid()}.png"
@@ -106,8 +186,7 @@ def _save_png(array: np.ndarray, path: str) -> None:
 def sample(config: SampleConfig) -> dict[str, Any]:
     """Generate num_per_prompt images per prompt; write grid.png (a row per prompt), neighbours.png (the
     retrieved images, a row per prompt, when the database has them) and samples.json."""
-    from diffusion.samplers import SAMPLERS
-    from diffusion.schedule import cosine_alphas_cumprod, sampling_timesteps
+    from diffusion.schedule import sampling_timesteps
     from retrieval.catalogue import open_database
     from retrieval.clip_model import cached_encoder
 
@@ -121,32 +200,13 @@ def sample(config: SampleConfig) -> dict[str, Any]:
         )
     db = open_database(config.database, catalogue=config.catalogue)
     query = cached_encoder(db.info["clip_model"]).encode_texts(prompts).numpy()
-    if query.shape[1] != mc.cond_dim:
-        raise ValueError(
-            f"the database {config.database} embeds with {db.info['clip_model']} ({query.shape[1]}-d) but the model "
-            f"was trained on {mc.cond_dim}-d embeddings; use a database embedded with the training CLIP"
-        )
-    cond: dict[str, torch.Tensor] = {"query": torch.from_numpy(query)}
-    found = None
-    if mc.use_knn:
-        found = db.search(query, mc.k, band=config.band)
-        valid = found.ids >= 0
-        nb = np.zeros((len(prompts), mc.k, mc.cond_dim), np.float32)
-        if valid.any():
-            nb[valid] = db.embeddings(found.ids[valid])
-        valid &= np.linalg.norm(nb, axis=-1) > 0  # a remote image that could not be fetched
-        cond.update(neighbours=torch.from_numpy(nb), valid=torch.from_numpy(valid))
+    cond, found = retrieval_condition(db, query, train_config, band=config.band)
     n = config.num_per_prompt
     cond = {k: v.repeat_interleave(n, dim=0) for k, v in cond.items()}
-    gen = torch.Generator().manual_seed(config.seed)
-    x = torch.randn((len(prompts) * n, mc.channels, mc.image_size, mc.image_size), generator=gen)
-    abar = cosine_alphas_cumprod(train_config.num_timesteps)
+    images = generate(model, train_config, cond, config.sampler, config.steps, config.guidance, config.seed)
     timesteps = sampling_timesteps(train_config.num_timesteps, config.steps)
-    with torch.inference_mode():
-        out = SAMPLERS[config.sampler](model, x, timesteps, cond, config.guidance, abar, generator=gen)
-    images = to_uint8(out)
     os.makedirs(config.output, exist_ok=True)
-    _save_png(grid(list(images), cols=n), os.path.join(config.output, "grid.png"))
+    save_png(grid(list(images), cols=n), os.path.join(config.output, "grid.png"))
     record: dict[str, Any] = {
         "checkpoint_step": step,
         "database": config.database,
@@ -172,7 +232,7 @@ def sample(config: SampleConfig) -> dict[str, Any]:
             thumbs.extend(_thumbnails(db, found.ids[i], mc.image_size))
         record["prompts"].append(entry)
     if thumbs and any(t.any() for t in thumbs):
-        _save_png(grid(thumbs, cols=mc.k), os.path.join(config.output, "neighbours.png"))
+        save_png(grid(thumbs, cols=mc.k), os.path.join(config.output, "neighbours.png"))
         record["neighbours_png"] = "neighbours.png"
     path = os.path.join(config.output, "samples.json")
     with open(path + ".tmp", "w") as f:

@@ -79,10 +79,10 @@ def new_training_state(config: TrainConfig) -> tuple[Any, Any, torch.optim.Optim
     """(model, its EMA, optimizer) as a run starts them, seeded by config.seed."""
     from timm.utils import ModelEmaV3
 
-    from diffusion.model import KnnDenoiser
+    from diffusion.model import build_network
 
     torch.manual_seed(config.seed)
-    model = KnnDenoiser(config.model)
+    model = build_network(config.model)
     ema = ModelEmaV3(model, decay=config.ema_decay, use_warmup=True)  # short runs: the decay ramps up
     opt = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
     return model, ema, opt
@@ -115,6 +115,9 @@ def training_step(
             alphas_cumprod,
             config.model.cond_drop_prob,
             generator,
+            prediction=config.prediction,
+            query_drop_prob=config.model.query_drop_prob,
+            min_snr_gamma=config.min_snr_gamma,
         )
     opt.zero_grad(set_to_none=True)
     loss.backward()

@@ -237,6 +237,47 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
     p.add_argument("--num-per-prompt", type=int, default=4, help="images per prompt (default: 4)")
     p.add_argument("--ema", action=argparse.BooleanOptionalAction, default=True, help="use the EMA weights")
+    desc = (
+        "score generators on held-out images: attribute accuracy (captions of a known vocabulary), Fréchet "
+        "distance, KID and CLIP score -> evaluation.json"
+    )
+    p = sub.add_parser("evaluate", help=desc, description=desc)
+    p.add_argument(
+        "--checkpoint",
+        action="append",
+        required=True,
+        help="NAME=RUN (a run folder or state.pt); repeat to compare, e.g. --checkpoint knn=runs/a "
+        "--checkpoint no-knn=runs/b",
+    )
+    p.add_argument("--database", required=True, help="the database folder the generators were trained on")
+    p.add_argument(
+        "--heldout-parts",
+        required=True,
+        type=lambda s: [x for x in s.split(",") if x],
+        help="comma-separated database parts no generator trained on (train with exclude_parts), e.g. 00011",
+    )
+    p.add_argument("--output", required=True, help="folder for evaluation.json, sample grids, the classifier")
+    p.add_argument(
+        "--attributes",
+        choices=("none", "procedural"),
+        default="none",
+        help="caption vocabulary for attribute accuracy: procedural = the demo's scenes (default: none)",
+    )
+    p.add_argument("--classifier", default=None, help="attribute classifier .pt (fitted there when missing)")
+    p.add_argument(
+        "--eval-clip-model", default=None, help="CLIP for features and CLIP score (default: the database's)"
+    )
+    p.add_argument(
+        "--inception-weights",
+        default=None,
+        help="local Inception-v3 weights (torch-fidelity's pt_inception-2015-12-05) for real FID; nothing "
+        "is downloaded",
+    )
+    p.add_argument("--num-prompts", type=int, default=250, help="held-out captions to sample (default: 250)")
+    p.add_argument("--sampler", default="dpmpp_2m", help="ddim, ddpm or dpmpp_2m (default: dpmpp_2m)")
+    p.add_argument("--steps", type=int, default=20, help="sampling steps (default: 20)")
+    p.add_argument("--guidance", type=float, default=3.0, help="classifier-free guidance scale (default: 3)")
+    p.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
     p = sub.add_parser(
         "serve", help="serve a database with clip-retrieval back", description="serve a database over HTTP"
     )
@@ -293,6 +334,37 @@ def catalogue_command(args: argparse.Namespace) -> None:
         entry = {"kind": "remote", "url": args.url, "indice_name": indice, "clip_model": args.clip_model}
     catalogue.register(path, args.name, entry)
     print(f"catalogue {path}: added {args.name!r} ({entry['kind']})")
+
+
+def evaluate_command(args: argparse.Namespace) -> None:
+    from diffusion.evaluate import EvaluateConfig, evaluate
+
+    checkpoints = {}
+    for item in args.checkpoint:
+        name, sep, path = item.partition("=")
+        if not sep or not name or not path:
+            raise ValueError(f"--checkpoint {item!r}: expected NAME=RUN, e.g. knn=runs/small")
+        checkpoints[name] = path
+    attributes = None
+    if args.attributes == "procedural":
+        from pipelines.run import procedural_attributes
+
+        attributes = procedural_attributes()
+    config = EvaluateConfig(
+        checkpoints=checkpoints,
+        database=args.database,
+        heldout_parts=args.heldout_parts,
+        output=args.output,
+        classifier=args.classifier,
+        eval_clip_model=args.eval_clip_model,
+        inception_weights=args.inception_weights,
+        num_prompts=args.num_prompts,
+        sampler=args.sampler,
+        steps=args.steps,
+        guidance=args.guidance,
+        seed=args.seed,
+    )
+    evaluate(config, attributes=attributes)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -365,6 +437,8 @@ def main(argv: list[str] | None = None) -> int:
                 use_ema=args.ema,
             )
             sample(config)
+        elif args.command == "evaluate":
+            evaluate_command(args)
         elif args.command == "catalogue":
             catalogue_command(args)
         elif args.command == "serve":

@@ -17,6 +17,7 @@ import functools
 import io
 import math
 import os
+import re
 import threading
 from dataclasses import dataclass
 from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
@@ -196,6 +197,34 @@ def caption(scene: Scene) -> str:
         f"a {scene.size} {scene.colour} {scene.shape} {scene.position} "
         f"on a {scene.background} {scene.background_colour} background"
     )
+
+
+_CAPTION_RE = re.compile(
+    rf"^a ({'|'.join(SIZES)}) ({'|'.join(PALETTE)}) ({'|'.join(SCENE_SHAPES)}) ({'|'.join(POSITIONS)}) "
+    rf"on a ({'|'.join(BACKGROUNDS)}) ({'|'.join(PALETTE)}) background$"
+)
+SCENE_ATTRIBUTES: dict[str, tuple[str, ...]] = {
+    "shape": SCENE_SHAPES,
+    "colour": tuple(PALETTE),
+    "size": SIZES,
+    "position": POSITIONS,
+    "background": BACKGROUNDS,
+    "background_colour": tuple(PALETTE),
+}
+
+# How a horizontal mirror changes a scene's attributes (every shape here is mirror-symmetric).
+SCENE_HFLIP: dict[str, dict[str, str]] = {
+    "position": {p: p.replace("left", "@").replace("right", "left").replace("@", "right") for p in POSITIONS}
+}
+
+
+def parse_caption(text: str) -> Scene | None:
+    """The scene a caption() names (the inverse of caption), or None for text of another form."""
+    m = _CAPTION_RE.match(text.strip().lower())
+    if m is None or m.group(2) == m.group(6):
+        return None
+    size, colour, shape, position, background, background_colour = m.groups()
+    return Scene(shape, colour, size, position, background, background_colour)
 
 
 @dataclass(frozen=True)

@@ -1,7 +1,8 @@
 """A finished pipeline's output folder -> <output>/report.html + <output>/report/*.png (one picture per prompt
 and target, cut from the sample grids), readable offline in any browser.
 
-Sections: stage wall times; the encoder's held-out retrieval accuracy; samples with the retrieved neighbours
+Sections: the generators' evaluation (attribute accuracy, Fréchet distance, KID, CLIP score; kNN against no-kNN);
+stage wall times; the encoder's held-out retrieval accuracy; samples with the retrieved neighbours
 beside them; the same prompts against the second database (database swap); the same prompts across the
 aesthetic bands; the aesthetic head; the generator's loss curve.
 """
@@ -47,9 +48,10 @@ def write_report(
     aesthetic: dict[str, Any],
     trained: dict[str, Any],
     samples: dict[str, Any],
-    accuracy: dict[str, Any],
+    evaluation: dict[str, Any],
 ) -> str:
     """Write report.html (atomically) and its pictures; returns the report's path."""
+    accuracy = evaluation["retrieval"]
     pics = os.path.join(out, "report")
     os.makedirs(pics, exist_ok=True)
     prompts = list(config.sample.prompts)
@@ -89,6 +91,8 @@ def write_report(
     add(
         f"<p>Output folder <code>{html.escape(out)}</code>; config <code>config.yaml</code> beside this file.</p>"
     )
+
+    _evaluation_section(add, out, evaluation["generators"])
 
     add("<h2>Stages</h2><table><tr><th>stage</th><th>wall time</th><th></th></tr>")
     for stage, t in timings.items():
@@ -181,3 +185,54 @@ def write_report(
         f.write("\n".join(h))
     os.replace(path + ".tmp", path)
     return path
+
+
+def _evaluation_section(add: Any, out: str, record: dict[str, Any]) -> None:
+    """The evaluate stage's table (one row per generator) and each generator's samples for held-out captions."""
+    models = record["models"]
+    attrs: list[str] = []
+    for row in models.values():
+        attrs += [a for a in row.get("attribute_accuracy", {}) if a not in attrs]
+    add("<h2>Generator evaluation</h2>")
+    add(
+        f"<p>{record['num_prompts']} captions of held-out images (parts {', '.join(record['heldout_parts'])}, which no "
+        f"generator trained on), one sample each, {record['steps']} {html.escape(record['sampler'])} steps, guidance "
+        f"{record['guidance']}, seed {record['seed']}. A kNN model's neighbours never include a held-out image. Fréchet "
+        f"distance (FD) and KID against the {record['num_real']} held-out images and CLIP score use the image "
+        f"features of <code>{html.escape(record['eval_clip_model'])}</code>"
+        + (
+            ", the same CLIP that conditions the generators."
+            if record["eval_clip_model"] == record["conditioning_clip_model"]
+            else ", a CLIP other than the one that conditions the generators."
+        )
+        + f" Real images score a CLIP score of {record['real_clip_score']:.1f} against their own captions.</p>"
+    )
+    add("<table><tr><th>generator</th><th>k</th>")
+    add("".join(f"<th>{html.escape(a.replace('_', ' '))}</th>" for a in attrs))
+    add("<th>FD &darr;</th><th>KID &darr;</th><th>CLIP score &uarr;</th><th>s / image</th></tr>")
+    for name, row in models.items():
+        acc = row.get("attribute_accuracy", {})
+        add(f"<tr><td>{html.escape(name)}</td><td>{row['k']}</td>")
+        add("".join(f"<td>{acc[a]:.2f}</td>" if a in acc else "<td></td>" for a in attrs))
+        add(
+            f"<td>{row['frechet_distance']:.4f}</td><td>{row['kid']:.4f}</td><td>{row['clip_score']:.1f}</td>"
+            f"<td>{row['seconds_per_image']:.3f}</td></tr>"
+        )
+    add("</table>")
+    classifier = record.get("classifier")
+    if classifier:
+        acc = classifier["heldout_accuracy"]
+        add(
+            "<p>Attribute accuracy: the share of samples whose attribute, as a classifier fitted on the database's "
+            f'other {classifier["num_train"]} images reads it, is the one the caption names; "all" needs every '
+            f"attribute right. The classifier's accuracy on the {classifier['num_heldout']} real held-out images: "
+            + ", ".join(f"{html.escape(a.replace('_', ' '))} {v:.3f}" for a, v in acc.items())
+            + ".</p>"
+        )
+    pics = os.path.join(out, "report")
+    for name in models:
+        src = os.path.join(out, "evaluation", f"samples_{name}.png")
+        if os.path.exists(src):
+            shutil.copyfile(src, os.path.join(pics, f"evaluation_{name}.png"))
+            add(f"<h3>{html.escape(name)}: samples for the first held-out captions</h3>")
+            add(_img(f"report/evaluation_{name}.png", f"samples of {name}", 240))

@@ -12,7 +12,9 @@ Stages, in order (each is the toolkit's own stage function; nothing is special-c
   neighbours  the k nearest neighbours of every image of the main database
   train       the generator on Ray Train
   sample      the prompts against the main database, the second one (database swap) and every band
-  evaluate    the encoder's text->image retrieval accuracy on captions held out of its training
+  evaluate    the generators' samples for the held-out captions: attribute accuracy (procedural data), Fréchet
+              distance, KID and CLIP score against the held-out images (diffusion/evaluate.py), kNN against
+              no-kNN; and the encoder's text->image retrieval accuracy on the same held-out shards
   report      report.html with the pictures
 
 Every stage writes <output>/manifests/<stage>.json last, with its settings, inputs, outputs and wall time. A
@@ -135,14 +137,19 @@ class AestheticSettings:
 @dataclasses.dataclass
 class GeneratorSettings:
     """The generator's training. preset: tiny, small or paper (diffusion/config.py); model: overrides of the
-    preset's fields (cond_dim is taken from the database). The rest as in diffusion.config.TrainConfig."""
+    preset's fields (cond_dim is taken from the database). compare_no_knn: also train the paper's no-kNN
+    ablation (use_knn: false) with the same settings and budget, for the evaluate stage to compare. The rest as
+    in diffusion.config.TrainConfig. Both leave the CLIP's held-out shards out (the evaluation's reference)."""
 
     preset: str = "small"
     model: dict[str, Any] = dataclasses.field(default_factory=dict)
-    steps: int = 600
+    compare_no_knn: bool = True
+    steps: int = 250
     batch_size_per_worker: int = 64
-    lr: float = 3e-4
+    lr: float = 1e-3
     warmup_steps: int = 50
+    prediction: str = "v"
+    min_snr_gamma: float = 5.0
     ema_decay: float = 0.999
     num_workers: int = 1
     use_gpu: bool = False
@@ -179,6 +186,31 @@ class SampleSettings:
 
 
 @dataclasses.dataclass
+class EvaluateSettings:
+    """The evaluate stage (diffusion/evaluate.py). num_prompts: held-out captions, one sample each per generator;
+    sampler, steps, guidance: how they are sampled. eval_clip: the CLIP whose features and scores judge the samples:
+    "fit" (a second CLIP fitted like the first, with another seed, so the generator is not graded by its own
+    encoder), "same" (the conditioning CLIP), or a clip-retrieval name. classifier_epochs: the attribute
+    classifier's (procedural data only). inception_weights: a local Inception-v3 weights file for real FID."""
+
+    num_prompts: int = 250
+    sampler: str = "dpmpp_2m"
+    steps: int = 20
+    guidance: float = 3.0
+    eval_clip: str = "same"
+    classifier_epochs: int = 16
+    inception_weights: str | None = None
+
+    def __post_init__(self) -> None:
+        from diffusion.samplers import SAMPLERS
+
+        if self.sampler not in SAMPLERS:
+            raise ValueError(f"evaluate.sampler must be one of {sorted(SAMPLERS)}, got {self.sampler!r}")
+        if self.num_prompts < 2 or self.steps < 1 or self.classifier_epochs < 1:
+            raise ValueError("evaluate.num_prompts must be >= 2, evaluate.steps and classifier_epochs >= 1")
+
+
+@dataclasses.dataclass
 class PipelineConfig:
     """The whole pipeline. output: the folder receiving everything. ray_address: as every stage's."""
 
@@ -188,6 +220,7 @@ class PipelineConfig:
     aesthetic: AestheticSettings = dataclasses.field(default_factory=AestheticSettings)
     generator: GeneratorSettings = dataclasses.field(default_factory=GeneratorSettings)
     sample: SampleSettings = dataclasses.field(default_factory=SampleSettings)
+    evaluate: EvaluateSettings = dataclasses.field(default_factory=EvaluateSettings)
     ray_address: str | None = None
 
     def __post_init__(self) -> None:
@@ -209,13 +242,15 @@ QUICK: dict[str, dict[str, Any]] = {
     "generator": {
         "preset": "tiny",
         "model": {"k": 4},
-        "steps": 30,
-        "batch_size_per_worker": 16,
-        "log_every": 10,
-        "checkpoint_every": 30,
-        "warmup_steps": 5,
+        "steps": 150,
+        "batch_size_per_worker": 32,
+        "lr": 2e-3,
+        "log_every": 25,
+        "checkpoint_every": 150,
+        "warmup_steps": 10,
     },
     "sample": {"prompts": DEFAULT_PROMPTS[:2], "steps": 10, "num_per_prompt": 2},
+    "evaluate": {"num_prompts": 60, "steps": 10, "classifier_epochs": 30},
 }
 
 T = TypeVar("T")
@@ -343,27 +378,43 @@ class Pipeline:
         aesthetic = self.stage("aesthetic", dataclasses.asdict(c.aesthetic), self.aesthetic)
         model = self.model_config()
         self.stage("neighbours", {"k": model.k}, lambda: self.neighbours(model.k))
-        trained = self.stage("train", dataclasses.asdict(c.generator), lambda: self.train(model))
+        heldout = [os.path.basename(tar)[: -len(".tar")] for tar in clip["holdout_shards"]]
+        trained = self.stage(
+            "train",
+            {**dataclasses.asdict(c.generator), "heldout": heldout},
+            lambda: self.train(model, heldout),
+        )
         samples = self.stage("sample", dataclasses.asdict(c.sample), lambda: self.sample(aesthetic["bands"]))
-        accuracy = self.stage("evaluate", encoder, lambda: self.evaluate(clip))
+        evaluation = self.stage(
+            "evaluate",
+            {**dataclasses.asdict(c.evaluate), **encoder},
+            lambda: self.evaluate(clip, trained, heldout),
+        )
         from pipelines.report import write_report
 
-        report = write_report(self.out, c, self.timings, clip, aesthetic, trained, samples, accuracy)
+        report = write_report(self.out, c, self.timings, clip, aesthetic, trained, samples, evaluation)
         atomic_write_bytes(  # the config of the run that made this report (a refused run leaves it alone)
             fsspec.filesystem("file"),
             self.path("config.yaml"),
             yaml.safe_dump(c.to_dict(), sort_keys=False).encode(),
         )
         total = sum(t["seconds"] for t in self.timings.values() if not t["skipped"])
+        accuracy = evaluation["retrieval"]
         r = accuracy["text_to_image"]
+        models = evaluation["generators"]["models"]
+        scores = ", ".join(
+            f"{name} all-attributes {m['attribute_accuracy']['all']:.2f}"
+            if "attribute_accuracy" in m
+            else f"{name} FD {m['frechet_distance']:.4f}"
+            for name, m in models.items()
+        )
         print(
             f"run: {len(dbs)} databases, {self.num_images('main')} + {self.num_images('ood')} images, "
             f"CLIP text->image R@1 {r['1']:.2f} R@10 {r['10']:.2f} (chance {accuracy['chance']['10']:.3f}), "
-            f"generator loss {trained['loss']:.4f}; stages {total:.0f}s, this run {time.time() - start:.0f}s "
-            f"-> {report}",
+            f"generators: {scores}; stages {total:.0f}s, this run {time.time() - start:.0f}s -> {report}",
             flush=True,
         )
-        return {"report": report, "timings": self.timings, "accuracy": accuracy, "train": trained}
+        return {"report": report, "timings": self.timings, "evaluation": evaluation, "train": trained}
 
     def databases(self) -> list[str]:
         d = self.config.data
@@ -565,31 +616,44 @@ class Pipeline:
         compute(NeighboursConfig(db=db, k=k), ray_address=self.config.ray_address)
         return {"outputs": [os.path.join(db, "neighbours")], "k": k}
 
-    def train(self, model: Any) -> dict[str, Any]:
+    def train(self, model: Any, heldout: list[str]) -> dict[str, Any]:
+        """The kNN generator in run/ and, with generator.compare_no_knn, the no-kNN ablation in run_noknn/, both
+        with the same settings and steps, leaving the held-out parts out."""
         from diffusion.config import TrainConfig
         from diffusion.train import train
 
-        training = dataclasses.asdict(self.config.generator)  # TrainConfig's fields, but for the model's
-        del training["preset"], training["model"]
+        training = dataclasses.asdict(self.config.generator)  # TrainConfig's fields, but for these
+        del training["preset"], training["model"], training["compare_no_knn"]
         db = self.path("db", "main")
-        result = train(
-            TrainConfig(
-                db=db,
-                neighbours=os.path.join(db, "neighbours"),
-                output=self.path("run"),
-                model=model,
-                **training,
-            ),
-            ray_address=self.config.ray_address,
+        runs = {"knn": ("run", model)}
+        if self.config.generator.compare_no_knn and model.use_knn:
+            runs["no-knn"] = ("run_noknn", dataclasses.replace(model, use_knn=False, query_drop_prob=0.0))
+        out: dict[str, Any] = {"outputs": [], "runs": {}}
+        for name, (folder, model_config) in runs.items():
+            result = train(
+                TrainConfig(
+                    db=db,
+                    neighbours=os.path.join(db, "neighbours"),
+                    output=self.path(folder),
+                    model=model_config,
+                    exclude_parts=heldout,
+                    **training,
+                ),
+                ray_address=self.config.ray_address,
+            )
+            m = result["metrics"]
+            out["outputs"].append(self.path(folder))
+            out["runs"][name] = {
+                "folder": self.path(folder),
+                "checkpoint": result["checkpoint"],
+                "loss": m.get("loss", float("nan")),
+                "samples_per_s": m.get("samples_per_s", float("nan")),
+                "data_wait_fraction": m.get("data_wait_fraction", float("nan")),
+            }
+        out.update(
+            {k: out["runs"]["knn"][k] for k in ("checkpoint", "loss", "samples_per_s", "data_wait_fraction")}
         )
-        m = result["metrics"]
-        return {
-            "outputs": [self.path("run")],
-            "checkpoint": result["checkpoint"],
-            "loss": m.get("loss", float("nan")),
-            "samples_per_s": m.get("samples_per_s", float("nan")),
-            "data_wait_fraction": m.get("data_wait_fraction", float("nan")),
-        }
+        return out
 
     def sample(self, bands: list[dict[str, Any]]) -> dict[str, Any]:
         """The prompts against the main database, the second database, and each aesthetic band of the main."""
@@ -613,14 +677,78 @@ class Pipeline:
             done[name] = {"database": db, "band": band, "folder": self.path("samples", name)}
         return {"outputs": [self.path("samples")], "targets": done}
 
-    def evaluate(self, clip: dict[str, Any]) -> dict[str, Any]:
-        """Text->image retrieval accuracy of the encoder on the held-out shards' captions (the fit measured it
-        already; a named CLIP is measured here)."""
+    def evaluate(self, clip: dict[str, Any], trained: dict[str, Any], heldout: list[str]) -> dict[str, Any]:
+        """The generators' samples for held-out captions (diffusion.evaluate), and the encoder's text->image
+        retrieval accuracy on the same held-out shards (the fit measured it already; a named CLIP is measured
+        here)."""
+        from diffusion.evaluate import EvaluateConfig, evaluate
         from pipelines.clip_train import retrieval_accuracy
 
+        e = self.config.evaluate
         acc = clip.get("holdout_recall") or retrieval_accuracy(clip["clip_model"], clip["holdout_shards"])
         acc = {k: {str(n): v for n, v in r.items()} if isinstance(r, dict) else r for k, r in acc.items()}
-        return {"inputs": clip["holdout_shards"], **acc}
+        record = evaluate(
+            EvaluateConfig(
+                checkpoints={name: run["folder"] for name, run in trained["runs"].items()},
+                database=self.path("db", "main"),
+                heldout_parts=heldout,
+                output=self.path("evaluation"),
+                eval_clip_model=self.eval_clip(clip),
+                inception_weights=e.inception_weights,
+                num_prompts=e.num_prompts,
+                sampler=e.sampler,
+                steps=e.steps,
+                guidance=e.guidance,
+                seed=self.config.sample.seed,
+                classifier_epochs=e.classifier_epochs,
+            ),
+            attributes=procedural_attributes() if self.config.data.source == "procedural" else None,
+        )
+        return {
+            "inputs": clip["holdout_shards"],
+            "outputs": [self.path("evaluation")],
+            "retrieval": acc,
+            "generators": record,
+        }
+
+    def eval_clip(self, clip: dict[str, Any]) -> str:
+        """The evaluation CLIP's name: evaluate.eval_clip "same", a name, or "fit" (fitted here with another seed
+        on the same shards, when the conditioning CLIP was fitted too; else the conditioning one)."""
+        e = self.config.evaluate
+        if e.eval_clip == "same" or (e.eval_clip == "fit" and self.config.clip.model != "fit"):
+            return clip["clip_model"]
+        if e.eval_clip != "fit":
+            return e.eval_clip
+        from pipelines.clip_train import ClipTrainConfig, fit_clip
+
+        c = self.config.clip
+        settings = {"model": c.model_config} if c.model_config else {}
+        result = fit_clip(
+            ClipTrainConfig(
+                shards=self.path("shards", "main"),
+                output=self.path("clip_eval"),
+                epochs=c.epochs,
+                batch_size=c.batch_size,
+                lr=c.lr,
+                holdout_fraction=c.holdout_fraction,
+                seed=self.config.data.seed + 1,
+                **settings,
+            ),
+            ray_address=self.config.ray_address,
+        )
+        return result.clip_model
+
+
+def procedural_attributes() -> Any:
+    """The procedural scenes' captions as an attribute vocabulary for the evaluate stage."""
+    from diffusion.evaluate import AttributeSpec
+    from pipelines.demo_data import SCENE_ATTRIBUTES, SCENE_HFLIP, parse_caption
+
+    def parse(text: str) -> dict[str, str] | None:
+        scene = parse_caption(text)
+        return None if scene is None else dataclasses.asdict(scene)
+
+    return AttributeSpec(SCENE_ATTRIBUTES, parse, SCENE_HFLIP)
 
 
 def holdout_shards(shards: str, fraction: float) -> list[str]:

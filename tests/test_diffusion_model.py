@@ -7,17 +7,23 @@ import torch
 
 from diffusion.config import ModelConfig, load_yaml, model_config
 from diffusion.loss import diffusion_loss
-from diffusion.model import KnnDenoiser
+from diffusion.model import build_network
+from diffusion.precond import EpsDenoiser, eps_from_output, prediction_target
 from diffusion.samplers import guided_eps, sample_ddim, sample_ddpm, sample_dpmpp_2m
 from diffusion.schedule import cosine_alphas_cumprod, q_sample, sampling_timesteps
 
 T = 100
 
 
-def tiny(**overrides) -> KnnDenoiser:
+ARCHS = {"unet": {}, "dit": {"arch": "dit", "patch_size": 2, "depth": 2}}
+
+
+def tiny(arch: str = "unet", **overrides) -> torch.nn.Module:
     torch.manual_seed(0)
-    model = KnnDenoiser(model_config("tiny", cond_dim=8, **overrides))
-    for p in model.parameters():  # adaLN-Zero starts at the identity; perturb so outputs depend on everything
+    model = build_network(model_config("tiny", cond_dim=8, **ARCHS[arch], **overrides))
+    for p in (
+        model.parameters()
+    ):  # zero-initialised outputs start at the identity; perturb so outputs depend on all
         p.data += 0.05 * torch.randn_like(p)
     return model.eval()
 
@@ -31,8 +37,9 @@ def cond_of(b: int, k: int = 4, d: int = 8, seed: int = 1) -> dict[str, torch.Te
     }
 
 
-def test_shapes_and_condition_use():
-    model = tiny()
+@pytest.mark.parametrize("arch", sorted(ARCHS))
+def test_shapes_and_condition_use(arch):
+    model = tiny(arch)
     x, t, cond = torch.randn(3, 3, 16, 16), torch.tensor([0, 50, 99]), cond_of(3)
     out = model(x, t, **cond)
     assert out.shape == x.shape
@@ -45,22 +52,77 @@ def test_shapes_and_condition_use():
     # a dropped condition is the same whatever it was
     drop = torch.ones(3, dtype=torch.bool)
     torch.testing.assert_close(model(x, t, drop=drop, **cond), model(x, t, drop=drop, **cond_of(3, seed=9)))
+    # dropping the query alone: the query no longer matters, the neighbours still do
+    dq = torch.ones(3, dtype=torch.bool)
+    torch.testing.assert_close(
+        model(x, t, drop_query=dq, **cond), model(x, t, drop_query=dq, **dict(cond, query=torch.randn(3, 8)))
+    )
+    assert not torch.allclose(model(x, t, drop_query=dq, **cond), model(x, t, drop_query=dq, **other))
     with pytest.raises(ValueError, match="neighbour"):
         model(x, t, query=cond["query"])
+    # memory format and device moves work (Ray Train's prepare_model moves the module)
+    cl = model.to(memory_format=torch.channels_last)
+    torch.testing.assert_close(
+        cl(x.to(memory_format=torch.channels_last), t, **cond), out, atol=1e-5, rtol=1e-5
+    )
 
 
 def test_no_knn_variant_takes_the_query_only():
     model = tiny(use_knn=False)
     x, t = torch.randn(2, 3, 16, 16), torch.tensor([3, 4])
     assert model(x, t, query=torch.randn(2, 8)).shape == x.shape
-    assert model.condition_tokens(torch.randn(2, 8)).shape == (2, 1, 32)
+    assert model.cond(torch.randn(2, 8)).shape == (2, 1, 32)
+    # without neighbours, dropping "the query alone" would drop everything: it is ignored
+    q = torch.randn(2, 8)
+    torch.testing.assert_close(model.cond(q, drop_query=torch.ones(2, dtype=torch.bool)), model.cond(q))
 
 
 def test_paper_preset_is_about_400m_parameters():
     with torch.device("meta"):
-        model = KnnDenoiser(model_config("paper"))
+        model = build_network(model_config("paper"))
     n = sum(p.numel() for p in model.parameters())
     assert 350e6 < n < 450e6, n
+
+
+def test_v_prediction_round_trip_and_min_snr_weighting():
+    """eps recovered from the v target is the noise; the wrapped network hands samplers eps; min-SNR weights the
+    per-sample loss by min(SNR, gamma) / (SNR + 1) for v (Hang et al. 2023)."""
+    abar = cosine_alphas_cumprod(T).float()
+    g = torch.Generator().manual_seed(0)
+    x0, noise, t = (
+        torch.rand(6, 3, 4, 4, generator=g) * 2 - 1,
+        torch.randn(6, 3, 4, 4, generator=g),
+        torch.arange(0, 96, 16),
+    )
+    xt = q_sample(x0, t, noise, abar)
+    for prediction in ("eps", "v"):
+        target = prediction_target(x0, noise, abar[t], prediction)
+        torch.testing.assert_close(
+            eps_from_output(target, xt, abar[t], prediction), noise, atol=1e-5, rtol=1e-5
+        )
+
+    class Oracle(torch.nn.Module):  # predicts the exact v of the draws above
+        def forward(self, x, tt, **cond):
+            return prediction_target(x0, noise, abar[tt], "v")
+
+    torch.testing.assert_close(EpsDenoiser(Oracle(), abar, "v")(xt, t), noise, atol=1e-5, rtol=1e-5)
+
+    class Zero(torch.nn.Module):
+        def forward(self, x, tt, drop=None, **cond):
+            return torch.zeros_like(x)
+
+    x0 = torch.ones(256, 3, 2, 2)
+    plain = diffusion_loss(Zero(), x0, {}, abar, 0.0, torch.Generator().manual_seed(1), prediction="v")
+    weighted = diffusion_loss(
+        Zero(), x0, {}, abar, 0.0, torch.Generator().manual_seed(1), prediction="v", min_snr_gamma=5.0
+    )
+    tt = torch.randint(0, T, (256,), generator=torch.Generator().manual_seed(1))  # the loss's own draw
+    a = abar[tt]
+    snr = a / (1 - a)
+    # predicting 0 for v = sqrt(a) eps - sqrt(1 - a) x0 with x0 = 1 costs E||v||^2 = a + (1 - a) = 1 per value
+    assert plain.item() == pytest.approx(1.0, rel=0.1)
+    expected = (snr.clamp(max=5.0) / (snr + 1)).mean().item()
+    assert weighted.item() == pytest.approx(expected, rel=0.15)
 
 
 def test_guidance_one_is_conditional_and_zero_unconditional():
@@ -117,7 +179,7 @@ def test_tiny_model_overfits_a_handful_of_images():
     """Four flat images with a square each: the images it reconstructs from noisy versions (t in [20, 80) of
     100) get far closer to the originals, and the training loss falls."""
     torch.manual_seed(0)
-    model = KnnDenoiser(model_config("tiny", cond_dim=8, cond_drop_prob=0.0))
+    model = build_network(model_config("tiny", cond_dim=8, cond_drop_prob=0.0))
     x0 = torch.rand(4, 3, 1, 1).expand(4, 3, 16, 16).clone() * 2 - 1
     for i in range(4):
         x0[i, :, 4 * i : 4 * i + 6, 4:10] = -x0[i, :, :1, :1]
@@ -198,9 +260,15 @@ def test_q_sample_and_schedule():
 
 def test_config_validation_and_yaml(tmp_path):
     with pytest.raises(ValueError, match="multiple of patch_size"):
-        ModelConfig(image_size=30, patch_size=4)
+        ModelConfig(arch="dit", image_size=30, patch_size=4)
     with pytest.raises(ValueError, match="width"):
-        ModelConfig(width=32, num_heads=2, patch_size=4)  # 48 values per patch through 32 channels
+        ModelConfig(
+            arch="dit", width=32, num_heads=2, patch_size=4
+        )  # 48 values per patch through 32 channels
+    with pytest.raises(ValueError, match="halve"):
+        ModelConfig(image_size=18, widths=[8, 16, 32], num_heads=2)  # 18 -> 9 -> no third level
+    with pytest.raises(ValueError, match="arch"):
+        ModelConfig(arch="transformer")
     with pytest.raises(ValueError, match="preset"):
         model_config("huge")
     path = tmp_path / "c.yaml"

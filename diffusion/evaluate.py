@@ -1,0 +1,307 @@
+"""The evaluation stage: trained generators + a database with held-out parts -> evaluation.json, a table of
+sample quality per generator, and a grid of their samples.
+
+The prompts are the captions of the held-out parts' images (images no generator trained on; training takes
+exclude_parts), and those images are the real reference. For each generator, one sample per prompt with fixed
+seeds, its neighbours retrieved from the database with the held-out images excluded (a kNN model must not
+see the very image whose caption it draws). Then, streamed batch by batch through torchmetrics objects
+(diffusion.metrics):
+
+- attribute accuracy, when the captions follow a known vocabulary (AttributeSpec): a classifier fitted on the
+  database's other images (diffusion.attributes), its held-out accuracy on real images reported beside it;
+- Fréchet distance and KID against the held-out real images, in the feature space of an evaluation CLIP's
+  image tower (and real Inception FID when a weights file is given);
+- CLIP score of prompt and sample under the evaluation CLIP (ideally not the one that conditions the
+  generator, so it is not graded by its own encoder);
+- seconds per image of the sampler.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import time
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+import torch
+
+Parse = Callable[[str], dict[str, str] | None]
+
+
+@dataclasses.dataclass
+class AttributeSpec:
+    """A caption vocabulary: attribute -> values, a parser from a caption to {attribute: value} (None when the
+    caption is not of that form), and how a horizontal mirror changes values (classifier augmentation)."""
+
+    vocabulary: dict[str, tuple[str, ...]]
+    parse: Parse
+    hflip: dict[str, dict[str, str]] | None = None
+
+
+@dataclasses.dataclass
+class EvaluateConfig:
+    """checkpoints: {name: run folder or state.pt}, e.g. {"knn": "runs/a", "no-knn": "runs/b"}.
+    database: the database folder the generators were trained on (its CLIP conditions them).
+    heldout_parts: its parts (e.g. ["00011"]) that no generator trained on: prompts and real reference.
+    output: folder for evaluation.json, samples_<name>.png and the classifier.
+    classifier: an attribute classifier (.pt from diffusion.attributes); fitted here (and saved there) when
+    missing and an AttributeSpec is given. eval_clip_model: the CLIP for features and CLIP score (clip-retrieval
+    name; default: the database's own). inception_weights: a local Inception-v3 weights file for real FID.
+    num_prompts: at most this many held-out captions. sampler, steps, guidance, seed: as `sample`.
+    """
+
+    checkpoints: dict[str, str]
+    database: str
+    heldout_parts: list[str]
+    output: str
+    classifier: str | None = None
+    eval_clip_model: str | None = None
+    inception_weights: str | None = None
+    num_prompts: int = 250
+    sampler: str = "dpmpp_2m"
+    steps: int = 20
+    guidance: float = 3.0
+    seed: int = 0
+    batch_size: int = 64
+    classifier_epochs: int = 16
+
+    def __post_init__(self) -> None:
+        from diffusion.samplers import SAMPLERS
+
+        if not self.checkpoints:
+            raise ValueError("evaluate needs at least one checkpoint (--checkpoint NAME=RUN)")
+        if not self.heldout_parts:
+            raise ValueError(
+                "evaluate needs held-out parts (--heldout-parts), images no generator trained on"
+            )
+        if self.sampler not in SAMPLERS:
+            raise ValueError(f"--sampler must be one of {sorted(SAMPLERS)}, got {self.sampler!r}")
+        if self.num_prompts < 2:
+            raise ValueError(
+                f"--num-prompts must be >= 2 (Fréchet distance needs two samples), got {self.num_prompts}"
+            )
+
+
+def part_images(db: Any, parts: list[str], image_size: int) -> tuple[np.ndarray, np.ndarray, list[str]]:
+    """(image ids [N], images [N, S, S, 3] uint8 as training decodes them, captions) of a database's parts."""
+    from diffusion.data import decode_image
+
+    unknown = sorted(set(parts) - set(db.part_names))
+    if unknown:
+        raise ValueError(f"parts {unknown} are not in the database {db.path} (its parts: {db.part_names})")
+    starts = np.concatenate([[0], db.part_ends[:-1]])
+    ids = np.concatenate(
+        [db.ids[starts[i] : db.part_ends[i]] for i, p in enumerate(db.part_names) if p in parts]
+    )
+    found = db.images(ids)
+    missing = [int(i) for i in ids if int(i) not in found]
+    if missing:
+        raise FileNotFoundError(f"the shards of {db.path} lack images {missing[:5]}; re-run download/embed")
+    images = np.stack([decode_image(found[int(i)], image_size) for i in ids])
+    captions = [str(c) for c in db.metadata(ids)["caption"]]
+    return ids, images, captions
+
+
+def labels_of(captions: list[str], spec: AttributeSpec) -> dict[str, np.ndarray]:
+    """{attribute: value index [N]} of parsed captions; -1 where a caption does not name the attribute."""
+    out = {a: np.full(len(captions), -1, np.int64) for a in spec.vocabulary}
+    for i, text in enumerate(captions):
+        parsed = spec.parse(text) or {}
+        for a, values in spec.vocabulary.items():
+            if parsed.get(a) in values:
+                out[a][i] = values.index(parsed[a])
+    return out
+
+
+def ensure_classifier(
+    config: EvaluateConfig,
+    db: Any,
+    spec: AttributeSpec,
+    image_size: int,
+    heldout: tuple[np.ndarray, list[str]],
+) -> tuple[Any, dict[str, Any]]:
+    """The attribute classifier at config.classifier (or <output>/classifier.pt), fitted on the database's
+    non-held-out images when it is not there yet."""
+    from diffusion.attributes import fit_classifier, load_classifier, save_classifier
+
+    path = config.classifier or os.path.join(config.output, "classifier.pt")
+    if not os.path.exists(path + ".json"):
+        train_parts = [p for p in db.part_names if p not in config.heldout_parts]
+        _, images, captions = part_images(db, train_parts, image_size)
+        labels = labels_of(captions, spec)
+        keep = np.all([v >= 0 for v in labels.values()], axis=0)
+        if keep.sum() < 10:
+            raise ValueError(
+                f"only {int(keep.sum())} captions of {db.path} follow the attribute vocabulary; the classifier "
+                "cannot be fitted (leave the attribute vocabulary out for data without one)"
+            )
+        held_images, held_captions = heldout
+        held_labels = labels_of(held_captions, spec)
+        held_keep = np.all([v >= 0 for v in held_labels.values()], axis=0)
+        fit = fit_classifier(
+            spec.vocabulary,
+            images[keep],
+            {a: v[keep] for a, v in labels.items()},
+            held_images[held_keep],
+            {a: v[held_keep] for a, v in held_labels.items()},
+            epochs=config.classifier_epochs,
+            hflip=spec.hflip,
+        )
+        save_classifier(fit, path)
+        print(
+            f"evaluate: attribute classifier fitted on {fit.num_train} images in {fit.seconds:.0f}s, held-out "
+            "accuracy " + ", ".join(f"{a} {v:.3f}" for a, v in fit.heldout_accuracy.items()),
+            flush=True,
+        )
+    return load_classifier(path)
+
+
+def evaluate(config: EvaluateConfig, attributes: AttributeSpec | None = None) -> dict[str, Any]:
+    """Score every checkpoint (see the module docstring); writes <output>/evaluation.json and returns it."""
+    from tqdm import tqdm
+
+    from diffusion.metrics import (
+        AttributeAccuracy,
+        ClipScore,
+        ImageFeatures,
+        frechet_distance,
+        inception_fid,
+        kernel_distance,
+    )
+    from diffusion.sample import generate, grid, load_model, retrieval_condition, save_png
+    from retrieval.clip_model import cached_encoder
+    from retrieval.database import Database
+
+    start = time.time()
+    os.makedirs(config.output, exist_ok=True)
+    models = {name: load_model(path) for name, path in config.checkpoints.items()}
+    sizes = {cfg.model.image_size for _, cfg, _ in models.values()}
+    if len(sizes) != 1:
+        raise ValueError(
+            f"the checkpoints generate different image sizes {sorted(sizes)}; evaluate them apart"
+        )
+    image_size = sizes.pop()
+    db = Database.open(config.database)
+    for name, (_, cfg, _) in models.items():
+        overlap = sorted(set(config.heldout_parts) - set(cfg.exclude_parts))
+        if overlap:
+            raise ValueError(
+                f"checkpoint {name} trained on the held-out parts {overlap}; train with exclude_parts {overlap}"
+            )
+    heldout_ids, real, captions = part_images(db, config.heldout_parts, image_size)
+    rng = np.random.default_rng(config.seed)
+    pick = np.sort(rng.permutation(len(captions))[: config.num_prompts])
+    prompts = [captions[i] for i in pick]
+    eval_clip = config.eval_clip_model or db.info["clip_model"]
+    encoder = cached_encoder(eval_clip)
+    features = ImageFeatures(encoder)
+    classifier, classifier_meta = (None, None)
+    targets = None
+    if attributes is not None:
+        classifier, classifier_meta = ensure_classifier(config, db, attributes, image_size, (real, captions))
+        targets = {a: torch.from_numpy(v) for a, v in labels_of(prompts, attributes).items()}
+    query = db_encoder_texts(db, prompts)
+    real_t = torch.from_numpy(real).permute(0, 3, 1, 2)
+    results: dict[str, Any] = {}
+    for name, (model, cfg, step) in models.items():
+        fd = frechet_distance(features)
+        kid = kernel_distance(features, subset_size=min(100, len(prompts), len(real)))
+        inception = inception_fid(config.inception_weights) if config.inception_weights else None
+        for metric in (fd, kid, inception):
+            if metric is not None:
+                for lo in range(0, len(real_t), config.batch_size):
+                    metric.update(real_t[lo : lo + config.batch_size], real=True)
+        clip_score = ClipScore(encoder)
+        accuracy = AttributeAccuracy(classifier) if classifier is not None else None
+        cond, _ = retrieval_condition(db, query, cfg, exclude_ids=heldout_ids)
+        tic = time.time()
+        images = generate(model, cfg, cond, config.sampler, config.steps, config.guidance, config.seed)
+        seconds = time.time() - tic
+        batches = range(0, len(images), config.batch_size)
+        for lo in tqdm(batches, desc=f"evaluate {name}", unit="batch", leave=False):
+            batch = torch.from_numpy(images[lo : lo + config.batch_size]).permute(0, 3, 1, 2)
+            for metric in (fd, kid, inception):
+                if metric is not None:
+                    metric.update(batch, real=False)
+            clip_score.update(batch, prompts[lo : lo + config.batch_size])
+            if accuracy is not None and targets is not None:
+                accuracy.update(batch, {a: v[lo : lo + config.batch_size] for a, v in targets.items()})
+        kid_mean, kid_std = kid.compute()
+        row: dict[str, Any] = {
+            "checkpoint": config.checkpoints[name],
+            "step": step,
+            "use_knn": cfg.model.use_knn,
+            "k": cfg.model.k if cfg.model.use_knn else 0,
+            "frechet_distance": float(fd.compute()),
+            "kid": float(kid_mean),
+            "kid_std": float(kid_std),
+            "clip_score": float(clip_score.compute()),
+            "seconds_per_image": seconds / len(images),
+        }
+        if inception is not None:
+            row["inception_fid"] = float(inception.compute())
+        if accuracy is not None:
+            row["attribute_accuracy"] = {a: float(v) for a, v in accuracy.compute().items()}
+        results[name] = row
+        save_png(grid(list(images[:48]), cols=12), os.path.join(config.output, f"samples_{name}.png"))
+    real_clip = ClipScore(encoder)
+    for lo in range(0, len(real_t), config.batch_size):
+        real_clip.update(real_t[lo : lo + config.batch_size], captions[lo : lo + config.batch_size])
+    record = {
+        "database": config.database,
+        "heldout_parts": config.heldout_parts,
+        "num_prompts": len(prompts),
+        "num_real": len(real),
+        "eval_clip_model": eval_clip,
+        "conditioning_clip_model": db.info["clip_model"],
+        "sampler": config.sampler,
+        "steps": config.steps,
+        "guidance": config.guidance,
+        "seed": config.seed,
+        "real_clip_score": float(real_clip.compute()),
+        "classifier": classifier_meta,
+        "models": results,
+        "seconds": time.time() - start,
+    }
+    path = os.path.join(config.output, "evaluation.json")
+    with open(path + ".tmp", "w") as f:
+        json.dump(record, f, indent=2)
+    os.replace(path + ".tmp", path)
+    for line in format_table(record).splitlines():
+        print(f"evaluate: {line}", flush=True)
+    return record
+
+
+def db_encoder_texts(db: Any, texts: list[str]) -> np.ndarray:
+    """[N, D] text embeddings of the database's own CLIP (what conditions the generators)."""
+    from retrieval.clip_model import cached_encoder
+
+    return cached_encoder(db.info["clip_model"]).encode_texts(texts).numpy()
+
+
+def format_table(record: dict[str, Any]) -> str:
+    """The evaluation as a plain-text table, one row per model."""
+    attrs: list[str] = []
+    for row in record["models"].values():
+        for a in row.get("attribute_accuracy", {}):
+            if a not in attrs:
+                attrs.append(a)
+    head = ["model", "k", *attrs, "FD", "KID", "CLIPscore", "s/img"]
+    lines = [" | ".join(head)]
+    for name, row in record["models"].items():
+        acc = row.get("attribute_accuracy", {})
+        cells = [name, str(row["k"]), *(f"{acc[a]:.2f}" if a in acc else "-" for a in attrs)]
+        cells += [f"{row['frechet_distance']:.4f}", f"{row['kid']:.4f}", f"{row['clip_score']:.1f}"]
+        cells.append(f"{row['seconds_per_image']:.3f}")
+        lines.append(" | ".join(cells))
+    classifier = record.get("classifier")
+    if classifier:
+        acc = classifier["heldout_accuracy"]
+        lines.append(
+            "classifier on real held-out images: " + ", ".join(f"{a} {v:.3f}" for a, v in acc.items())
+        )
+    lines.append(f"real images' CLIP score: {record['real_clip_score']:.1f} ({record['eval_clip_model']})")
+    return "\n".join(lines)

@@ -1,0 +1,149 @@
+"""The evaluation's metrics on inputs whose answers are known: closed-form Fréchet distances of Gaussians, a set
+against itself, CLIP score against a brute-force cosine, attribute accuracy counted by hand, and the attribute
+classifier learning a vocabulary it can see."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from diffusion.metrics import AttributeAccuracy, ClipScore, ImageFeatures, frechet_distance, kernel_distance
+
+
+class PixelFeatures(nn.Module):
+    """The 12 values of a [B, 3, 2, 2] uint8 image as its features (so the features are what we draw)."""
+
+    num_features = 12
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return images.double().flatten(1)
+
+
+class ScaledPixelFeatures(PixelFeatures):
+    """The same, centred and scaled to about unit variance (KID's cubic kernel is scale-sensitive)."""
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return (images.double().flatten(1) - 120) / 15
+
+
+def gaussian_images(n: int, mean: float, sd: float, seed: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    x = (mean + sd * torch.randn(n, 3, 2, 2, generator=g, dtype=torch.float64)).round().clamp(0, 255)
+    return x.to(torch.uint8)
+
+
+def test_frechet_distance_matches_the_closed_form_for_gaussians():
+    # N(m1, s1^2 I) vs N(m2, s2^2 I) in D dims: FD = D (m1 - m2)^2 + D (s1 - s2)^2 (rounding adds 1/12 to both)
+    d, n = 12, 20_000
+    fd = frechet_distance(PixelFeatures())
+    fd.update(gaussian_images(n, 100, 10, seed=0), real=True)
+    fd.update(gaussian_images(n, 110, 20, seed=1), real=False)
+    s1, s2 = np.sqrt(100 + 1 / 12), np.sqrt(400 + 1 / 12)
+    expected = d * 10**2 + d * (s1 - s2) ** 2
+    assert float(fd.compute()) == pytest.approx(expected, rel=0.03)
+
+
+def test_a_set_against_itself_scores_zero_and_a_shift_does_not():
+    images = gaussian_images(4000, 120, 15, seed=2)
+    fd = frechet_distance(PixelFeatures())
+    kid = kernel_distance(ScaledPixelFeatures(), subset_size=500)
+    for metric in (fd, kid):
+        metric.update(images, real=True)
+        metric.update(images, real=False)
+    assert abs(float(fd.compute())) < 1e-3
+    kid_mean, _ = kid.compute()
+    assert abs(float(kid_mean)) < 0.05  # random subsets of the same set: zero up to sampling noise
+    far = kernel_distance(ScaledPixelFeatures(), subset_size=500)
+    far.update(images, real=True)
+    far.update(gaussian_images(4000, 150, 15, seed=4), real=False)  # two sd away in each of 12 features
+    assert float(far.compute()[0]) > 100 * max(abs(float(kid_mean)), 1e-3)
+    shifted = frechet_distance(PixelFeatures())
+    shifted.update(images, real=True)
+    shifted.update(gaussian_images(4000, 125, 15, seed=3), real=False)
+    assert float(shifted.compute()) == pytest.approx(12 * 25, rel=0.1)
+
+
+@pytest.fixture(scope="module")
+def encoder(tiny_clip):
+    from retrieval.clip_model import ClipEncoder
+
+    return ClipEncoder(tiny_clip, device="cpu", precision="fp32")
+
+
+def test_clip_score_is_100_times_the_clamped_cosine(encoder):
+    g = torch.Generator().manual_seed(0)
+    images = torch.randint(0, 256, (5, 3, 40, 40), dtype=torch.uint8, generator=g)
+    texts = ["a red circle", "a blue square", "stripes", "dots", "a star"]
+    metric = ClipScore(encoder)
+    metric.update(images[:3], texts[:3])
+    metric.update(images[3:], texts[3:])
+    features = ImageFeatures(encoder)
+    cos = (features(images) * encoder.encode_texts(texts)).sum(-1)
+    assert float(metric.compute()) == pytest.approx(float((100 * cos.clamp(min=0)).mean()), abs=1e-4)
+    # the feature module resizes to the encoder's input and matches its own preprocessing of that size
+    assert features(images).shape == (5, encoder.dim)
+    assert torch.allclose(features(images).norm(dim=-1), torch.ones(5), atol=1e-5)
+
+
+class FixedClassifier(nn.Module):
+    """Reads attribute values written into pixel (0, 0): channel 0 = shape index, channel 1 = colour index."""
+
+    vocabulary = {"shape": ("circle", "square", "star"), "colour": ("red", "blue")}
+
+    def forward(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
+        return {
+            "shape": nn.functional.one_hot(images[:, 0, 0, 0].long(), 3).float(),
+            "colour": nn.functional.one_hot(images[:, 1, 0, 0].long(), 2).float(),
+        }
+
+
+def test_attribute_accuracy_counts_by_attribute_and_all():
+    images = torch.zeros(4, 3, 4, 4, dtype=torch.uint8)
+    images[:, 0, 0, 0] = torch.tensor([0, 1, 2, 0])  # shapes the classifier reads
+    images[:, 1, 0, 0] = torch.tensor([0, 1, 1, 0])  # colours
+    metric = AttributeAccuracy(FixedClassifier())
+    # targets: shape right for 0, 1, 3; colour right for 0, 2, and not named (-1) for 3
+    metric.update(images[:2], {"shape": torch.tensor([0, 1]), "colour": torch.tensor([0, 0])})
+    metric.update(images[2:], {"shape": torch.tensor([1, 0]), "colour": torch.tensor([1, -1])})
+    acc = metric.compute()
+    assert float(acc["shape"]) == pytest.approx(3 / 4)
+    assert float(acc["colour"]) == pytest.approx(2 / 3)  # the unnamed one is not counted
+    assert float(acc["all"]) == pytest.approx(2 / 4)  # 0 (both right) and 3 (shape right, colour unnamed)
+
+
+def test_attribute_classifier_learns_what_it_can_see(tmp_path):
+    """Colour and left/right position of a square: learnable to near 100%, and the hflip augmentation maps
+    the position labels (a wrong map would cap accuracy at chance for position)."""
+    from diffusion.attributes import fit_classifier, load_classifier, save_classifier
+
+    vocab = {"colour": ("red", "green", "blue"), "side": ("left", "right")}
+    rng = np.random.default_rng(0)
+
+    def draw(n: int) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+        colour, side = rng.integers(3, size=n), rng.integers(2, size=n)
+        images = rng.integers(0, 40, size=(n, 16, 16, 3)).astype(np.uint8)
+        for i in range(n):
+            x0 = 2 if side[i] == 0 else 9
+            images[i, 5:10, x0 : x0 + 5, colour[i]] = 230
+        return images, {"colour": colour, "side": side}
+
+    train_x, train_y = draw(600)
+    held_x, held_y = draw(200)
+    fit = fit_classifier(
+        vocab,
+        train_x,
+        train_y,
+        held_x,
+        held_y,
+        epochs=10,
+        batch_size=32,
+        hflip={"side": {"left": "right", "right": "left"}},
+    )
+    assert fit.heldout_accuracy["colour"] > 0.95
+    assert fit.heldout_accuracy["side"] > 0.95
+    save_classifier(fit, str(tmp_path / "clf.pt"))
+    model, meta = load_classifier(str(tmp_path / "clf.pt"))
+    assert meta["heldout_accuracy"] == fit.heldout_accuracy
+    np.testing.assert_array_equal(model.predict(held_x)["side"], fit.model.predict(held_x)["side"])

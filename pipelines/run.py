@@ -169,8 +169,8 @@ class SampleSettings:
 
     prompts: list[str] = dataclasses.field(default_factory=lambda: list(DEFAULT_PROMPTS))
     guidance: float = 3.0
-    steps: int = 50
-    sampler: str = "ddim"
+    steps: int = 20
+    sampler: str = "dpmpp_2m"
     num_per_prompt: int = 4
     seed: int = 0
 

@@ -62,7 +62,7 @@ def test_two_workers_train_in_lockstep(train_db, tmp_path):
     state = state_of(out)
     assert state["step"] == 6 and result["metrics"]["step"] == 6
     assert set(state) == {"model", "ema", "optimizer", "step", "config"}
-    assert not torch.equal(state["model"]["final.weight"], torch.zeros_like(state["model"]["final.weight"]))
+    assert not torch.equal(state["model"]["out.0.weight"], torch.zeros_like(state["model"]["out.0.weight"]))
 
 
 def test_rerun_resumes_with_optimizer_state_and_step_count(train_db, tmp_path):
@@ -76,7 +76,7 @@ def test_rerun_resumes_with_optimizer_state_and_step_count(train_db, tmp_path):
     assert adam_steps == {6.0}, adam_steps  # 3 restored + 3 new: the optimizer state was carried over
     rows = read_metrics(os.path.join(out, "metrics.csv"))
     assert [(int(r["step"]), int(r["start_step"])) for r in rows] == [(3, 0), (6, 3)]
-    assert not torch.equal(first["model"]["final.weight"], second["model"]["final.weight"])
+    assert not torch.equal(first["model"]["out.0.weight"], second["model"]["out.0.weight"])
     with pytest.raises(ValueError, match="other settings"):
         train(config_for(train_db, out, lr=1.0))
 

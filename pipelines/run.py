@@ -144,7 +144,7 @@ class GeneratorSettings:
     preset: str = "small"
     model: dict[str, Any] = dataclasses.field(default_factory=dict)
     compare_no_knn: bool = True
-    steps: int = 250
+    steps: int = 180
     batch_size_per_worker: int = 64
     lr: float = 1e-3
     warmup_steps: int = 50
@@ -193,12 +193,12 @@ class EvaluateSettings:
     encoder), "same" (the conditioning CLIP), or a clip-retrieval name. classifier_epochs: the attribute
     classifier's (procedural data only). inception_weights: a local Inception-v3 weights file for real FID."""
 
-    num_prompts: int = 250
+    num_prompts: int = 120
     sampler: str = "dpmpp_2m"
     steps: int = 20
     guidance: float = 3.0
     eval_clip: str = "same"
-    classifier_epochs: int = 16
+    classifier_epochs: int = 12
     inception_weights: str | None = None
 
     def __post_init__(self) -> None:

@@ -147,3 +147,36 @@ def test_attribute_classifier_learns_what_it_can_see(tmp_path):
     model, meta = load_classifier(str(tmp_path / "clf.pt"))
     assert meta["heldout_accuracy"] == fit.heldout_accuracy
     np.testing.assert_array_equal(model.predict(held_x)["side"], fit.model.predict(held_x)["side"])
+
+
+def test_inception_fid_reads_a_local_weights_file_and_refuses_pickles(tmp_path, monkeypatch):
+    """Real Inception FID through torchmetrics, from a weights file given by path (here a seeded random-init
+    state dict of torch-fidelity's network, made without the download by stubbing it once); nothing is fetched,
+    and a file that is not plain tensors is refused."""
+    import torch_fidelity.feature_extractor_inceptionv3 as tfi
+
+    from diffusion.metrics import inception_fid
+
+    torch.manual_seed(0)
+    with monkeypatch.context() as m:  # build the architecture once without weights, to save a state dict
+        m.setattr(tfi, "load_state_dict_from_url", lambda *a, **k: None)
+        m.setattr(tfi.FeatureExtractorInceptionV3, "load_state_dict", lambda self, state: None)
+        state = tfi.FeatureExtractorInceptionV3("inception-v3-compat", ["2048"]).state_dict()
+    path = tmp_path / "inception.pth"
+    torch.save(state, path)
+    monkeypatch.setattr(tfi, "load_state_dict_from_url", lambda *a, **k: pytest.fail("tried to download"))
+    fid = inception_fid(str(path))
+    g = torch.Generator().manual_seed(1)
+    real = torch.randint(0, 256, (12, 3, 32, 32), dtype=torch.uint8, generator=g)
+    fid.update(real, real=True)
+    fid.update(real, real=False)
+    assert abs(float(fid.compute())) < 1e-2
+    fid.reset()
+    fid.update((real.float() * 0.2).to(torch.uint8), real=False)  # much darker: far from the real set
+    assert float(fid.compute()) > 1.0
+    pickle = tmp_path / "evil.pth"
+    torch.save({"weights": object()}, pickle)
+    with pytest.raises(Exception, match="(?i)weights_only|unsupported|global"):
+        inception_fid(str(pickle))
+    with pytest.raises(FileNotFoundError, match="inception-weights"):
+        inception_fid(str(tmp_path / "missing.pth"))

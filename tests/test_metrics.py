@@ -151,8 +151,9 @@ def test_attribute_classifier_learns_what_it_can_see(tmp_path):
 
 def test_inception_fid_reads_a_local_weights_file_and_refuses_pickles(tmp_path, monkeypatch):
     """Real Inception FID through torchmetrics, from a weights file given by path (here a seeded random-init
-    state dict of torch-fidelity's network, made without the download by stubbing it once); nothing is fetched,
-    and a file that is not plain tensors is refused."""
+    state dict of torch-fidelity's network, made without the download by stubbing it once): the metric holds
+    exactly the file's weights, nothing is fetched, and a file that is not plain tensors is refused. (Random
+    weights give near-constant features, so how well the distance separates sets is not checked here.)"""
     import torch_fidelity.feature_extractor_inceptionv3 as tfi
 
     from diffusion.metrics import inception_fid
@@ -166,14 +167,15 @@ def test_inception_fid_reads_a_local_weights_file_and_refuses_pickles(tmp_path, 
     torch.save(state, path)
     monkeypatch.setattr(tfi, "load_state_dict_from_url", lambda *a, **k: pytest.fail("tried to download"))
     fid = inception_fid(str(path))
+    loaded = fid.inception.state_dict()
+    assert set(loaded) == set(state) and all(
+        torch.equal(loaded[k], state[k]) for k in state
+    )  # the file's weights
     g = torch.Generator().manual_seed(1)
     real = torch.randint(0, 256, (12, 3, 32, 32), dtype=torch.uint8, generator=g)
     fid.update(real, real=True)
     fid.update(real, real=False)
     assert abs(float(fid.compute())) < 1e-2
-    fid.reset()
-    fid.update((real.float() * 0.2).to(torch.uint8), real=False)  # much darker: far from the real set
-    assert float(fid.compute()) > 1.0
     pickle = tmp_path / "evil.pth"
     torch.save({"weights": object()}, pickle)
     with pytest.raises(Exception, match="(?i)weights_only|unsupported|global"):

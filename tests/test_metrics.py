@@ -182,3 +182,40 @@ def test_inception_fid_reads_a_local_weights_file_and_refuses_pickles(tmp_path, 
         inception_fid(str(pickle))
     with pytest.raises(FileNotFoundError, match="inception-weights"):
         inception_fid(str(tmp_path / "missing.pth"))
+
+
+def test_evaluation_neighbours_never_include_held_out_images():
+    """retrieval_condition with exclude_ids: the k nearest of the rest, in order, against brute force."""
+    from diffusion.config import TrainConfig, model_config
+    from diffusion.sample import retrieval_condition
+    from retrieval.database import SearchResult
+
+    rng = np.random.default_rng(0)
+    emb = rng.normal(size=(40, 8)).astype(np.float32)
+    emb /= np.linalg.norm(emb, axis=1, keepdims=True)
+    ids = np.arange(100, 140)
+
+    class BruteForce:
+        info = {"clip_model": "test"}
+
+        def __len__(self) -> int:
+            return len(ids)
+
+        def search(self, q, k, band=None):
+            scores = q @ emb.T
+            order = np.argsort(-scores, axis=1)[:, :k]
+            return SearchResult(ids=ids[order], scores=np.take_along_axis(scores, order, 1))
+
+        def embeddings(self, wanted):
+            return emb[np.asarray(wanted) - 100]
+
+    config = TrainConfig(db="d", neighbours="n", output="o", model=model_config("tiny", cond_dim=8, k=4))
+    query = emb[:5] + 0.01  # each query's nearest image is itself
+    exclude = ids[:5]
+    cond, found = retrieval_condition(BruteForce(), query, config, exclude_ids=exclude)
+    assert not np.isin(found.ids, exclude).any()
+    scores = query @ emb.T
+    scores[:, :5] = -np.inf
+    np.testing.assert_array_equal(found.ids, ids[np.argsort(-scores, axis=1)[:, :4]])
+    np.testing.assert_allclose(cond["neighbours"].numpy(), emb[found.ids - 100])
+    assert cond["valid"].all()

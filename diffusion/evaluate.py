@@ -206,14 +206,18 @@ def evaluate(config: EvaluateConfig, attributes: AttributeSpec | None = None) ->
     query = db_encoder_texts(db, prompts)
     real_t = torch.from_numpy(real).permute(0, 3, 1, 2)
     results: dict[str, Any] = {}
+    # the real images' features are extracted once; reset() between generators keeps them
+    # (reset_real_features=False) and clears only the samples'
+    fd = frechet_distance(features)
+    kid = kernel_distance(features, subset_size=min(100, len(prompts), len(real)))
+    inception = inception_fid(config.inception_weights) if config.inception_weights else None
+    distances = [m for m in (fd, kid, inception) if m is not None]
+    for lo in range(0, len(real_t), config.batch_size):
+        for metric in distances:
+            metric.update(real_t[lo : lo + config.batch_size], real=True)
     for name, (model, cfg, step) in models.items():
-        fd = frechet_distance(features)
-        kid = kernel_distance(features, subset_size=min(100, len(prompts), len(real)))
-        inception = inception_fid(config.inception_weights) if config.inception_weights else None
-        for metric in (fd, kid, inception):
-            if metric is not None:
-                for lo in range(0, len(real_t), config.batch_size):
-                    metric.update(real_t[lo : lo + config.batch_size], real=True)
+        for metric in distances:
+            metric.reset()
         clip_score = ClipScore(encoder)
         accuracy = AttributeAccuracy(classifier) if classifier is not None else None
         cond, _ = retrieval_condition(db, query, cfg, exclude_ids=heldout_ids)
@@ -223,9 +227,8 @@ def evaluate(config: EvaluateConfig, attributes: AttributeSpec | None = None) ->
         batches = range(0, len(images), config.batch_size)
         for lo in tqdm(batches, desc=f"evaluate {name}", unit="batch", leave=False):
             batch = torch.from_numpy(images[lo : lo + config.batch_size]).permute(0, 3, 1, 2)
-            for metric in (fd, kid, inception):
-                if metric is not None:
-                    metric.update(batch, real=False)
+            for metric in distances:
+                metric.update(batch, real=False)
             clip_score.update(batch, prompts[lo : lo + config.batch_size])
             if accuracy is not None and targets is not None:
                 accuracy.update(batch, {a: v[lo : lo + config.batch_size] for a, v in targets.items()})

@@ -5,14 +5,19 @@ What it measures, in one run:
 1. Shards: N generated JPEGs served by tests/image_server.py (127.0.0.1 only) are downloaded with our
    download stage into webdataset shards (256 px) under --workdir; reused when they already exist there.
 2. Model: a random-init open_clip checkpoint of --clip-config (torch.manual_seed(0)), saved locally and
-   named ``open_clip:<config>//abs/path.pt``; no network and no pretrained tags are used.
+   named ``open_clip:<config>//abs/path.pt``; no network and no pretrained tags are used. --clip-model
+   names another (e.g. the demo's fitted CLIP, whose trained embedding space makes recall meaningful).
 3. Ours: ``pipelines.embed.embed`` end to end on the shards into a fresh output folder (images + captions
-   + metadata), timed after a local Ray is already up, so Ray start-up is not counted; model loading and
-   actor start-up are. The steady-state rate (first batch out -> last batch out) is reported alongside.
+   + metadata), once per --precisions value (default fp32 and int8), timed after a local Ray is already up,
+   so Ray start-up is not counted; model loading and actor start-up are. int8's one-time export and
+   quantisation is timed apart (the runs read it from the cache). The steady-state rate (first batch out ->
+   last batch out) is reported alongside.
 4. clip-retrieval: ``clip-retrieval inference`` (CPU, sequential, text + image + metadata) on the same
    shards, checkpoint and batch size, in a subprocess (bench.peers); its time excludes interpreter start-up
    and imports but includes model loading.
-5. Agreement: per-image cosine between the two sets of image (and caption) embeddings, rows matched by key.
+5. Agreement: per-image cosine between our fp32 and clip-retrieval's image (and caption) embeddings, rows
+   matched by key; and for int8, its cosine to our fp32 embeddings and the recall@10 of exact image-to-image
+   search over int8 embeddings against the fp32 exact top 10 (self excluded).
 
 Prints one table and a one-line summary; --json-out also writes the results as JSON.
 
@@ -99,12 +104,39 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         action="store_true",
         help="time ours only (no clip-retrieval run, ratio or agreement check)",
     )
+    parser.add_argument(
+        "--images",
+        choices=("patterns", "scenes"),
+        default="patterns",
+        help="patterns: tests/image_server.py's coloured shapes on pixel noise (near-duplicates that differ in "
+        "noise, so neighbour order is mostly noise order); scenes: the demo's captioned scenes rendered at 256 px "
+        "(default: %(default)s)",
+    )
+    parser.add_argument(
+        "--precisions",
+        default="fp32,int8",
+        help="our embed stage's --precision values to time, comma-separated (default: %(default)s); "
+        "clip-retrieval always runs in fp32",
+    )
+    parser.add_argument(
+        "--clip-model",
+        default=None,
+        help="time and compare this clip-retrieval model name instead of a random-init --clip-config checkpoint, "
+        "e.g. the demo's fitted CLIP: trained weights make int8's recall@10 meaningful (random-init embeddings "
+        "of different images are nearly parallel)",
+    )
     parser.add_argument("--json-out", default=None, help="also write the results as JSON to this path")
     args = parser.parse_args(argv)
     if args.num_images <= 0 or args.batch_size <= 0:
         parser.error("--num-images and --batch-size must be positive")
     if args.shard_size is not None and args.shard_size <= 0:
         parser.error("--shard-size must be positive")
+    from retrieval.clip_model import PRECISIONS
+
+    args.precisions = [p.strip() for p in args.precisions.split(",") if p.strip()]
+    bad = [p for p in args.precisions if p not in PRECISIONS]
+    if bad or not args.precisions:
+        parser.error(f"--precisions {bad or 'empty'}: each must be one of {PRECISIONS}")
     return args
 
 
@@ -134,8 +166,11 @@ def count_successes(shards: str) -> int:
     return total
 
 
-def build_shards(workdir: str, num_images: int, shard_size: int) -> str:
-    """Download num_images generated images into <workdir>/shards, unless they are already all there."""
+def build_shards(workdir: str, num_images: int, shard_size: int, images: str = "patterns") -> str:
+    """Download num_images generated images into <workdir>/shards (<workdir>/shards-scenes for the demo's
+    scenes), unless they are already all there."""
+    if images == "scenes":
+        return build_scene_shards(workdir, num_images, shard_size)
     from pipelines.download import DownloadConfig, download
     from tests.image_server import ImageServer, caption_for
 
@@ -173,6 +208,38 @@ def build_shards(workdir: str, num_images: int, shard_size: int) -> str:
     return shards
 
 
+def build_scene_shards(workdir: str, num_images: int, shard_size: int) -> str:
+    """The demo's scene images (pipelines.demo_data.write_dataset, 256 px) through our download stage."""
+    from pipelines.demo_data import FolderServer, write_dataset
+    from pipelines.download import DownloadConfig, download
+
+    shards = os.path.join(workdir, "shards-scenes")
+    if os.path.isdir(shards) and count_successes(shards) == num_images:
+        print(f"reusing {num_images} scene images in {shards}", flush=True)
+        return shards
+    folder = os.path.join(workdir, "scenes")
+    frame = write_dataset(folder, num_images, size=256)
+    url_list = os.path.join(workdir, "scene_urls.parquet")
+    with FolderServer(folder) as server:
+        urls = [f"{server.base}/{name}" for name in frame["file"]]
+        pd.DataFrame({"url": urls, "caption": frame["caption"]}).to_parquet(url_list)
+        summary = download(
+            DownloadConfig(
+                url_list=url_list,
+                output_folder=shards,
+                image_size=256,
+                number_sample_per_shard=shard_size,
+                thread_count=16,
+                timeout=30,
+                allow_network=["127.0.0.1/32"],
+            )
+        )
+    got = count_successes(shards)
+    if got != num_images:
+        raise SystemExit(f"download gave {got} scene images, not {num_images}: {summary.line()}")
+    return shards
+
+
 def make_checkpoint(workdir: str, clip_config: str) -> str:
     """A random-init open_clip checkpoint (seed 0), named as users name local checkpoints."""
     import open_clip
@@ -188,7 +255,7 @@ def make_checkpoint(workdir: str, clip_config: str) -> str:
     return f"open_clip:{clip_config}/{path}"
 
 
-def run_ours(shards: str, output: str, clip_model: str, batch_size: int) -> dict[str, Any]:
+def run_ours(shards: str, output: str, clip_model: str, batch_size: int, precision: str) -> dict[str, Any]:
     """Time embed() end to end; also record when each batch reached the driver (steady-state rate)."""
     import pipelines.embed as embed_mod
 
@@ -204,7 +271,13 @@ def run_ours(shards: str, output: str, clip_model: str, batch_size: int) -> dict
     try:
         start = time.perf_counter()
         summary = embed_mod.embed(
-            embed_mod.EmbedConfig(shards=shards, output=output, clip_model=clip_model, batch_size=batch_size)
+            embed_mod.EmbedConfig(
+                shards=shards,
+                output=output,
+                clip_model=clip_model,
+                batch_size=batch_size,
+                precision=precision,
+            )
         )
         seconds = time.perf_counter() - start
     finally:
@@ -260,43 +333,101 @@ def agreement(our_out: str, their_out: str) -> dict[str, Any]:
     return result
 
 
+def precision_agreement(reference_out: str, other_out: str, k: int = 10) -> dict[str, Any]:
+    """Another precision's image embeddings against the reference (fp32) ones, rows matched by key: per-image
+    cosine, and recall@k of exact image-to-image search over them against the reference's exact top k (self
+    excluded)."""
+    from bench.peers import load_embedding_folder
+
+    ref, _, ref_meta = load_embedding_folder(reference_out)
+    other, _, meta = load_embedding_folder(other_out)
+    order = {str(key): i for i, key in enumerate(meta["key"])}
+    other = other[[order[str(key)] for key in ref_meta["key"]]]
+    cos = cosines(ref, other)
+    k = min(k, len(ref) - 1)
+
+    def top(emb: np.ndarray) -> np.ndarray:
+        sims = emb @ emb.T
+        np.fill_diagonal(sims, -np.inf)
+        return np.argsort(-sims, axis=1, kind="stable")[:, :k]
+
+    truth, found = top(ref), top(other)
+    recall = np.mean([len(set(a) & set(b)) / k for a, b in zip(truth, found, strict=True)])
+    pairwise = ref @ ref.T
+    off_diagonal = pairwise[~np.eye(len(ref), dtype=bool)]
+    return {
+        "min_cosine": float(cos.min()),
+        "mean_cosine": float(cos.mean()),
+        "recall_at_k": float(recall),
+        "k": k,
+        "reference_pairwise_cosine_mean": float(off_diagonal.mean()),
+        "reference_pairwise_cosine_sd": float(off_diagonal.std()),
+    }
+
+
 def fmt(value: Any, spec: str) -> str:
     return "-" if value is None else format(value, spec)
 
 
 def print_table(r: dict[str, Any]) -> None:
-    ours, theirs, agree = r["ours"], r["clip_retrieval"], r["agreement"]
+    theirs, agree = r["clip_retrieval"], r["agreement"]
+    arms = [(f"ours {p}", ours) for p, ours in r["ours"].items()]
     rows = [
-        ("", "ours (embed)", "clip-retrieval"),
-        ("images", str(ours["images"]), fmt(theirs.get("images"), "d")),
-        ("seconds", fmt(ours["seconds"], ".1f"), fmt(theirs.get("seconds"), ".1f")),
-        ("images/s", fmt(ours["images_per_second"], ".1f"), fmt(theirs.get("images_per_second"), ".1f")),
-        ("steady images/s", fmt(ours["steady_images_per_second"], ".1f"), "-"),
-        ("first batch after s", fmt(ours["first_batch_seconds"], ".1f"), "-"),
-        ("precision", r["precision"], "float32 (CPU)"),
+        ("", *[name for name, _ in arms], "clip-retrieval"),
+        ("images", *[str(o["images"]) for _, o in arms], fmt(theirs.get("images"), "d")),
+        ("seconds", *[fmt(o["seconds"], ".1f") for _, o in arms], fmt(theirs.get("seconds"), ".1f")),
+        (
+            "images/s",
+            *[fmt(o["images_per_second"], ".1f") for _, o in arms],
+            fmt(theirs.get("images_per_second"), ".1f"),
+        ),
+        ("steady images/s", *[fmt(o["steady_images_per_second"], ".1f") for _, o in arms], "-"),
+        ("first batch after s", *[fmt(o["first_batch_seconds"], ".1f") for _, o in arms], "-"),
+        ("ratio to clip-retrieval", *[fmt(o.get("ratio"), ".2f") for _, o in arms], "1.00"),
+        ("precision", *[o["precision"] for _, o in arms], "float32 (CPU)"),
     ]
-    width = [max(len(row[i]) for row in rows) for i in range(3)]
+    width = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     print()
     print(
-        f"embed bench: {r['clip_config']} random-init, batch size {r['batch_size']}, {r['num_images']} images"
+        f"embed bench: {r['model_label']}, batch size {r['batch_size']}, {r['num_images']} images ({r['images']})"
     )
     for row in rows:
-        print(f"  {row[0]:<{width[0]}}  {row[1]:>{width[1]}}  {row[2]:>{width[2]}}")
-    print(f"  ratio ours/theirs (images/s): {fmt(r['ratio'], '.2f')}x")
+        print(
+            "  "
+            + "  ".join(
+                f"{cell:>{w}}" if i else f"{cell:<{w}}"
+                for i, (cell, w) in enumerate(zip(row, width, strict=True))
+            )
+        )
+    if agree:
+        print(
+            f"  ours {r['reference_precision']} vs clip-retrieval, min cosine img: "
+            f"{fmt(agree.get('min_img_cosine'), '.6f')} (mean {fmt(agree.get('mean_img_cosine'), '.6f')}), "
+            f"text: {fmt(agree.get('min_text_cosine'), '.6f')}, {agree.get('matched', 0)} rows matched by key"
+        )
+    for p, a in r["precision_agreement"].items():
+        print(
+            f"  ours {p} vs ours {r['reference_precision']}: min cosine {a['min_cosine']:.6f} "
+            f"(mean {a['mean_cosine']:.6f}), recall@{a['k']} {a['recall_at_k']:.3f} "
+            f"(pairwise cosine of {r['reference_precision']} embeddings {a['reference_pairwise_cosine_mean']:.3f} "
+            f"+- {a['reference_pairwise_cosine_sd']:.3f})"
+        )
+    if r.get("int8_quantisation_seconds") is not None:
+        print(
+            f"  int8: one-time export + quantisation {r['int8_quantisation_seconds']:.1f}s (cached, not in the runs)"
+        )
     print(
-        f"  min cosine img: {fmt(agree.get('min_img_cosine'), '.6f')} "
-        f"(mean {fmt(agree.get('mean_img_cosine'), '.6f')}), text: {fmt(agree.get('min_text_cosine'), '.6f')}, "
-        f"{agree.get('matched', 0)} rows matched by key"
-    )
-    print(
-        f"  cpu: {r['cpu_model']}, {r['cores']} cores (Ray given {r['ray_num_cpus']} CPUs); "
-        f"torch {r['torch']}, ray {r['ray']}"
+        f"  cpu: {r['cpu_model']}, {r['cores']} cores, flags {r['cpu_flags']} (Ray given {r['ray_num_cpus']} CPUs); "
+        f"torch {r['torch']}, onnxruntime {r['onnxruntime']}, ray {r['ray']}"
     )
     print()
-    theirs_rate = fmt(theirs.get("images_per_second"), ".1f")
+    summary = ", ".join(
+        f"{name} {o['images_per_second']:.1f} img/s ({fmt(o.get('ratio'), '.2f')}x clip-retrieval)"
+        for name, o in arms
+    )
     print(
-        f"embed bench: ours {ours['images_per_second']:.1f} img/s, clip-retrieval {theirs_rate} img/s, "
-        f"ratio {fmt(r['ratio'], '.2f')}x ({r['num_images']} images, {r['clip_config']}, {r['precision']})",
+        f"embed bench: {summary}, clip-retrieval {fmt(theirs.get('images_per_second'), '.1f')} img/s "
+        f"({r['num_images']} images, {r['model_label']})",
         flush=True,
     )
 
@@ -307,31 +438,47 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     import torch
 
     from bench.peers import run_clip_retrieval_inference
-    from retrieval.clip_model import pick_device_and_precision
+    from retrieval.clip_model import cpu_flags, pick_device_and_precision
 
     workdir = os.path.abspath(args.workdir or tempfile.mkdtemp(prefix="bench_embed_"))
     os.makedirs(workdir, exist_ok=True)
     shard_size = args.shard_size or min(500, math.ceil(args.num_images / 4))
     print(f"workdir {workdir}", flush=True)
+    # The int8 tower is exported and quantised once per checkpoint and cached; the bench keeps its own cache.
+    os.environ["KNN_DIFFUSION_CACHE"] = os.path.join(workdir, "cache")
 
     # Ray first: its start-up is not part of either measurement.
     if not ray.is_initialized():
         ray.init(include_dashboard=False, configure_logging=False, num_cpus=args.ray_num_cpus)
-    shards = build_shards(workdir, args.num_images, shard_size)
-    clip_model = make_checkpoint(workdir, args.clip_config)
-    device, dtype = pick_device_and_precision()
-    precision = f"{str(dtype).removeprefix('torch.')} ({device.type})"
+    shards = build_shards(workdir, args.num_images, shard_size, args.images)
+    clip_model = args.clip_model or make_checkpoint(workdir, args.clip_config)
+    model_label = args.clip_model or f"{args.clip_config} random-init"
+
+    quantisation_seconds = None
+    if "int8" in args.precisions:  # the one-time cost, timed apart from the runs (the actors read the cache)
+        from retrieval.clip_model import ClipEncoder
+
+        start = time.perf_counter()
+        ClipEncoder(clip_model, device="cpu", precision="int8")
+        quantisation_seconds = time.perf_counter() - start
 
     runs = os.path.join(workdir, "runs")
     os.makedirs(runs, exist_ok=True)
-    our_out = tempfile.mkdtemp(prefix="ours_", dir=runs)
     ray_cpus = ray.cluster_resources().get("CPU", 0)
-    ours = run_ours(shards, our_out, clip_model, args.batch_size)
-    ours["images_per_second"] = ours["images"] / ours["seconds"]
-    ours["output"] = our_out
+    ours: dict[str, dict[str, Any]] = {}
+    for p in args.precisions:
+        out = tempfile.mkdtemp(prefix=f"ours_{p}_", dir=runs)
+        ours[p] = run_ours(shards, out, clip_model, args.batch_size, p)
+        ours[p]["images_per_second"] = ours[p]["images"] / ours[p]["seconds"]
+        ours[p]["output"] = out
+        device, dtype = pick_device_and_precision("cpu" if p == "int8" else None, p)
+        ours[p]["precision"] = (
+            "int8 (onnxruntime)" if p == "int8" else f"{str(dtype).removeprefix('torch.')} ({device.type})"
+        )
     # Stop Ray (idle workers, object store) so clip-retrieval gets the machine to itself.
     ray.shutdown()
 
+    reference = next((p for p in args.precisions if p != "int8"), args.precisions[0])
     theirs: dict[str, Any] = {}
     agree: dict[str, Any] = {}
     if not args.skip_clip_retrieval:
@@ -339,27 +486,43 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         seconds = run_clip_retrieval_inference(
             shards, their_out, clip_model, batch_size=args.batch_size, timeout=args.timeout
         )
-        agree = agreement(our_out, their_out)
+        agree = agreement(ours[reference]["output"], their_out)
         images = agree["matched"] + agree["theirs_only"]
         theirs = {"seconds": seconds, "images": images, "images_per_second": images / seconds}
         theirs["output"] = their_out
-    ratio = ours["images_per_second"] / theirs["images_per_second"] if theirs else None
+        for o in ours.values():
+            o["ratio"] = o["images_per_second"] / theirs["images_per_second"]
+    others = {
+        p: precision_agreement(ours[reference]["output"], o["output"])
+        for p, o in ours.items()
+        if p != reference
+    }
+
+    import onnxruntime
 
     result = {
         "num_images": args.num_images,
         "batch_size": args.batch_size,
         "clip_config": args.clip_config,
         "clip_model": clip_model,
+        "model_label": model_label,
+        "images": args.images,
         "shards": shards,
         "shard_size": shard_size,
-        "precision": precision,
         "ours": ours,
+        "reference_precision": reference,
         "clip_retrieval": theirs,
-        "ratio": ratio,
         "agreement": agree,
+        "precision_agreement": others,
+        "int8_quantisation_seconds": quantisation_seconds,
         "cpu_model": cpu_model(),
+        "cpu_flags": ",".join(
+            sorted(cpu_flags() & {"avx512_vnni", "avx_vnni", "amx_int8", "amx_bf16", "avx512_bf16"})
+        )
+        or "no VNNI/AMX",
         "cores": usable_cores(),
         "torch": torch.__version__,
+        "onnxruntime": onnxruntime.__version__,
         "ray": ray.__version__,
         "ray_num_cpus": int(ray_cpus),
         "python": platform.python_version(),

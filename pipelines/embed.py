@@ -246,6 +246,11 @@ def embed(config: EmbedConfig, ray_address: str | None = None) -> EmbedSummary:
     if todo:
         init_ray(ray_address)
         use_gpu = bool(ray.cluster_resources().get("GPU", 0))
+        if use_gpu and config.precision == "int8":
+            raise ValueError(
+                "--precision int8 is the CPU path (onnxruntime int8 kernels) and this Ray cluster has GPUs; "
+                "use --precision auto (bf16/fp16 on the GPUs)"
+            )
         num_actors = config.num_actors or (int(ray.cluster_resources().get("GPU", 1)) if use_gpu else 1)
         ds = ray.data.read_webdataset([p for p, _ in todo.values()], decoder=None, include_paths=True)
         # The model actor takes one CPU (half on a 1-CPU node, so readers still run). Preprocessing asks for

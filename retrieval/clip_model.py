@@ -12,6 +12,7 @@ import dataclasses
 import functools
 import logging
 import os
+import warnings
 from collections.abc import Sequence
 from contextlib import nullcontext
 from typing import Any
@@ -21,7 +22,7 @@ import torch.nn.functional as F
 
 log = logging.getLogger(__name__)
 
-PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+PRECISIONS = ("auto", "fp32", "bf16", "fp16", "int8")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -74,6 +75,12 @@ def pick_device_and_precision(
     if precision not in PRECISIONS:
         raise ValueError(f"--precision must be one of {PRECISIONS}, got {precision!r}")
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if precision == "int8":  # the image tower runs in onnxruntime (Int8ImageTower); the text tower in fp32
+        if dev.type != "cpu":
+            raise ValueError(
+                f"--precision int8 is the CPU path (onnxruntime int8 kernels); on {dev.type} use auto (bf16/fp16)"
+            )
+        return dev, torch.float32
     if precision != "auto":
         return dev, {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
     if dev.type == "cuda":
@@ -146,6 +153,7 @@ class ClipEncoder:
         self.preprocess = preprocess
         self.tokenizer = open_clip.get_tokenizer(config)
         self.dim = int(self.model.visual.output_dim)
+        self.int8 = Int8ImageTower(self.model.visual, _int8_cache_key(spec)) if precision == "int8" else None
         log.info("CLIP %s on %s in %s", name, self.device, self.dtype)
 
     def _autocast(self) -> Any:
@@ -155,6 +163,8 @@ class ClipEncoder:
 
     @torch.inference_mode()
     def encode_images(self, pixels: torch.Tensor) -> torch.Tensor:
+        if self.int8 is not None:
+            return F.normalize(self.int8(pixels), dim=-1)
         pixels = pixels.to(self.device, non_blocking=True)
         if self.device.type == "cpu":
             pixels = pixels.to(self.dtype)
@@ -171,6 +181,108 @@ class ClipEncoder:
 
     def encode_texts(self, texts: Sequence[str]) -> torch.Tensor:
         return self.encode_tokens(self.tokenizer(list(texts)))
+
+
+class Int8ImageTower:
+    """An image tower with int8 matrix products: exported to ONNX, dynamically quantised, run by onnxruntime.
+
+    Weights of every MatMul/Gemm become int8 (per output channel); activations are quantised per batch at run
+    time, so no calibration data is needed. Convolutions (the patch embedding) stay fp32. On CPUs with
+    AVX512-VNNI or AVX-VNNI this runs the image tower about 3x faster than fp32 torch (bench/embed.py), where
+    torch's own dynamic quantisation reaches only nn.Linear layers (the MLPs, not attention's projections).
+    Measured against fp32 embeddings in bench/embed.py (cosine and recall@10).
+    """
+
+    def __init__(
+        self, visual: torch.nn.Module, cache_key: str | None = None, threads: int | None = None
+    ) -> None:
+        import onnxruntime as ort
+
+        cached = os.path.join(int8_cache_dir(), f"{cache_key}.onnx") if cache_key else None
+        if cached and os.path.exists(cached):
+            with open(cached, "rb") as f:
+                model = f.read()
+        else:
+            model = quantise_image_tower(visual)
+            if cached:  # export + quantisation take ~10 s for ViT-B/32; every later actor reads the file
+                os.makedirs(os.path.dirname(cached), exist_ok=True)
+                tmp = f"{cached}.tmp-{os.getpid()}"
+                with open(tmp, "wb") as f:
+                    f.write(model)
+                os.replace(tmp, cached)
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = threads or torch.get_num_threads()
+        options.inter_op_num_threads = 1
+        self.session = ort.InferenceSession(model, options, providers=["CPUExecutionProvider"])
+
+    def __call__(self, pixels: torch.Tensor) -> torch.Tensor:
+        (out,) = self.session.run(None, {"pixels": pixels.float().contiguous().cpu().numpy()})
+        return torch.from_numpy(out)
+
+
+def quantise_image_tower(visual: torch.nn.Module) -> bytes:
+    """The image tower as a serialised ONNX model whose MatMul/Gemm weights are int8 (per output channel)."""
+    import tempfile
+
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    size = visual.image_size
+    side = size[0] if isinstance(size, (tuple, list)) else int(size)
+    quant_log = logging.getLogger()  # onnxruntime.quantization warns on the root logger about pre-processing
+    level = quant_log.level
+    with tempfile.TemporaryDirectory(prefix="clip-int8-") as tmp:
+        fp32, int8 = os.path.join(tmp, "visual.onnx"), os.path.join(tmp, "visual-int8.onnx")
+        # With autograd on, nn.MultiheadAttention takes its composite path; its inference fast path
+        # (aten::_native_multi_head_attention) has no ONNX export.
+        # The TorchScript exporter (pinned torch 2.14; the dynamo one needs onnxscript) warns that it is legacy
+        # and that MultiheadAttention's shape checks are traced as constants: the batch axis stays dynamic.
+        with torch.inference_mode(False), torch.enable_grad(), warnings.catch_warnings():
+            warnings.simplefilter("ignore", (DeprecationWarning, torch.jit.TracerWarning))
+            torch.onnx.export(
+                visual.float().eval(),
+                (torch.zeros(2, 3, side, side),),
+                fp32,
+                input_names=["pixels"],
+                output_names=["embedding"],
+                dynamic_axes={"pixels": {0: "batch"}, "embedding": {0: "batch"}},
+                opset_version=17,
+                dynamo=False,
+            )
+        quant_log.setLevel(logging.ERROR)
+        try:
+            quantize_dynamic(
+                fp32,
+                int8,
+                weight_type=QuantType.QInt8,
+                per_channel=True,
+                op_types_to_quantize=["MatMul", "Gemm"],
+            )
+        finally:
+            quant_log.setLevel(level)
+        with open(int8, "rb") as f:
+            return f.read()
+
+
+def int8_cache_dir() -> str:
+    """Where quantised image towers are kept: $KNN_DIFFUSION_CACHE or ~/.cache/knn_diffusion, then clip-int8/."""
+    root = os.environ.get("KNN_DIFFUSION_CACHE") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "knn_diffusion"
+    )
+    return os.path.join(root, "clip-int8")
+
+
+def _int8_cache_key(spec: ClipSpec) -> str:
+    """The model's identity (name; a checkpoint file's size and mtime) and the exporting library versions."""
+    import hashlib
+
+    import onnxruntime
+
+    parts = [spec.config, spec.pretrained, torch.__version__, onnxruntime.__version__]
+    for path in (spec.config, spec.pretrained):
+        if os.path.isfile(path):
+            st = os.stat(path)
+            parts += [os.path.abspath(path), str(st.st_size), str(st.st_mtime_ns)]
+    return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:32]
 
 
 def encode_text_trimmed(model: Any, tokens: torch.Tensor) -> torch.Tensor:

@@ -14,11 +14,14 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 @pytest.fixture(scope="session", autouse=True)
 def isolated_environment(tmp_path_factory):
-    """No test reads or writes the user's catalogue or head folder."""
-    saved = {k: os.environ.pop(k, None) for k in ("KNN_DIFFUSION_CATALOGUE", "KNN_DIFFUSION_AESTHETIC_DIR")}
+    """No test reads or writes the user's catalogue, head folder or cache."""
+    names = ("KNN_DIFFUSION_CATALOGUE", "KNN_DIFFUSION_AESTHETIC_DIR", "KNN_DIFFUSION_CACHE")
+    saved = {k: os.environ.pop(k, None) for k in names}
     os.environ["KNN_DIFFUSION_CATALOGUE"] = str(tmp_path_factory.mktemp("catalogue") / "catalogue.json")
+    os.environ["KNN_DIFFUSION_CACHE"] = str(tmp_path_factory.mktemp("cache"))
     yield
     os.environ.pop("KNN_DIFFUSION_CATALOGUE", None)
+    os.environ.pop("KNN_DIFFUSION_CACHE", None)
     os.environ.update({k: v for k, v in saved.items() if v is not None})
 
 

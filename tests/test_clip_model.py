@@ -51,3 +51,44 @@ def test_encoder_outputs_unit_vectors(tiny_clip):
     emb = enc.encode_texts(["a red square", "a blue circle"])
     assert emb.shape == (2, enc.dim) and emb.dtype == torch.float32
     assert torch.allclose(emb.norm(dim=-1), torch.ones(2), atol=1e-4)
+
+
+def test_int8_image_tower_agrees_with_fp32_and_is_cached(tiny_clip, tmp_path, monkeypatch):
+    import onnx
+
+    import retrieval.clip_model as cm
+
+    monkeypatch.setenv("KNN_DIFFUSION_CACHE", str(tmp_path))
+    fp32 = ClipEncoder(tiny_clip, precision="fp32")
+    int8 = ClipEncoder(tiny_clip, precision="int8")
+    torch.manual_seed(1)
+    side = fp32.model.visual.image_size[0]
+    pixels = torch.randn(6, 3, side, side)
+    a, b = fp32.encode_images(pixels), int8.encode_images(pixels)
+    assert b.shape == a.shape and b.dtype == torch.float32
+    assert torch.allclose(b.norm(dim=-1), torch.ones(6), atol=1e-4)
+    cos = (a * b).sum(-1)
+    assert cos.min() > 0.999 and not torch.allclose(a, b, atol=1e-6)  # close, and really quantised
+    (cached,) = list((tmp_path / "clip-int8").glob("*.onnx"))
+    graph = onnx.load(str(cached)).graph
+    weights = {init.name for init in graph.initializer}
+    assert sum(node.op_type == "MatMulInteger" for node in graph.node) >= 4 * 12  # 4 per layer of ViT-S/32
+    # every product with a weight is an integer one; only attention's activation x activation stays float
+    assert not [n.name for n in graph.node if n.op_type in ("MatMul", "Gemm") and weights & set(n.input)]
+    # the text tower is untouched
+    assert torch.equal(fp32.encode_texts(["a red square"]), int8.encode_texts(["a red square"]))
+
+    # a second encoder of the same checkpoint reads the cached model instead of quantising again
+    def no_requantising(visual):
+        raise AssertionError("quantised again despite the cache")
+
+    monkeypatch.setattr(cm, "quantise_image_tower", no_requantising)
+    assert torch.allclose(ClipEncoder(tiny_clip, precision="int8").encode_images(pixels), b, atol=1e-6)
+
+
+def test_int8_is_a_cpu_path():
+    from retrieval.clip_model import pick_device_and_precision
+
+    assert pick_device_and_precision("cpu", "int8") == (torch.device("cpu"), torch.float32)
+    with pytest.raises(ValueError, match="int8 is the CPU path"):
+        pick_device_and_precision("cuda", "int8")

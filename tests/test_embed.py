@@ -188,3 +188,23 @@ def test_rerun_with_another_model_is_refused(db, shards):
         embed(
             EmbedConfig(shards=shards, output=str(out), clip_model="open_clip:ViT-S-32//elsewhere/other.pt")
         )
+
+
+def test_int8_database_agrees_with_fp32(db, shards, tiny_clip, tmp_path):
+    out, _ = db
+    img, text, meta = load_db(out)
+    summary = embed(
+        EmbedConfig(
+            shards=shards,
+            output=str(tmp_path / "int8"),
+            clip_model=tiny_clip,
+            batch_size=16,
+            precision="int8",
+        )
+    )
+    assert summary.num_images == NUM_TEST_IMAGES
+    img8, text8, meta8 = load_db(tmp_path / "int8")
+    assert (meta8.image_id.to_numpy() == meta.image_id.to_numpy()).all()
+    cos = np.sum(img8 * img, axis=1)
+    assert cos.min() > 0.999 and not np.allclose(img8, img, atol=1e-6)  # close, and really the int8 tower
+    assert np.allclose(text8, text, atol=1e-5)  # captions stay on the fp32 text tower

@@ -171,7 +171,6 @@ def build_shards(workdir: str, num_images: int, shard_size: int, images: str = "
     scenes), unless they are already all there."""
     if images == "scenes":
         return build_scene_shards(workdir, num_images, shard_size)
-    from pipelines.download import DownloadConfig, download
     from tests.image_server import ImageServer, caption_for
 
     shards = os.path.join(workdir, "shards")
@@ -188,30 +187,35 @@ def build_shards(workdir: str, num_images: int, shard_size: int, images: str = "
     with ImageServer() as server:
         # The server's port changes every run; a fresh URL list for it (same keys and captions).
         urls = [server.image_url(i) for i in range(num_images)]
-        pd.DataFrame({"url": urls, "caption": [caption_for(i) for i in range(num_images)]}).to_parquet(
-            url_list
+        captions = [caption_for(i) for i in range(num_images)]
+        return download_local(urls, captions, url_list, shards, shard_size)
+
+
+def download_local(urls: list[str], captions: list[str], url_list: str, shards: str, shard_size: int) -> str:
+    """Our download stage (256 px) on URLs served from 127.0.0.1; every URL must succeed."""
+    from pipelines.download import DownloadConfig, download
+
+    pd.DataFrame({"url": urls, "caption": captions}).to_parquet(url_list)
+    summary = download(
+        DownloadConfig(
+            url_list=url_list,
+            output_folder=shards,
+            image_size=256,
+            number_sample_per_shard=shard_size,
+            thread_count=16,
+            timeout=30,
+            allow_network=["127.0.0.1/32"],
         )
-        summary = download(
-            DownloadConfig(
-                url_list=url_list,
-                output_folder=shards,
-                image_size=256,
-                number_sample_per_shard=shard_size,
-                thread_count=16,
-                timeout=30,
-                allow_network=["127.0.0.1/32"],
-            )
-        )
+    )
     got = count_successes(shards)
-    if got != num_images:
-        raise SystemExit(f"download gave {got} images, not {num_images}: {summary.line()}")
+    if got != len(urls):
+        raise SystemExit(f"download gave {got} images, not {len(urls)}: {summary.line()}")
     return shards
 
 
 def build_scene_shards(workdir: str, num_images: int, shard_size: int) -> str:
     """The demo's scene images (pipelines.demo_data.write_dataset, 256 px) through our download stage."""
     from pipelines.demo_data import FolderServer, write_dataset
-    from pipelines.download import DownloadConfig, download
 
     shards = os.path.join(workdir, "shards-scenes")
     if os.path.isdir(shards) and count_successes(shards) == num_images:
@@ -222,22 +226,7 @@ def build_scene_shards(workdir: str, num_images: int, shard_size: int) -> str:
     url_list = os.path.join(workdir, "scene_urls.parquet")
     with FolderServer(folder) as server:
         urls = [f"{server.base}/{name}" for name in frame["file"]]
-        pd.DataFrame({"url": urls, "caption": frame["caption"]}).to_parquet(url_list)
-        summary = download(
-            DownloadConfig(
-                url_list=url_list,
-                output_folder=shards,
-                image_size=256,
-                number_sample_per_shard=shard_size,
-                thread_count=16,
-                timeout=30,
-                allow_network=["127.0.0.1/32"],
-            )
-        )
-    got = count_successes(shards)
-    if got != num_images:
-        raise SystemExit(f"download gave {got} scene images, not {num_images}: {summary.line()}")
-    return shards
+        return download_local(urls, list(frame["caption"]), url_list, shards, shard_size)
 
 
 def make_checkpoint(workdir: str, clip_config: str) -> str:

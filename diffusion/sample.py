@@ -133,23 +133,29 @@ def generate(
     guidance: float = 3.0,
     seed: int = 0,
     batch_size: int = 64,
+    noise: torch.Tensor | None = None,
 ) -> np.ndarray:
     """One image per condition row, [N, H, W, 3] uint8, in batches of batch_size; deterministic for a seed
-    (each batch's noise is drawn from one seeded generator, in order)."""
+    (each batch's noise is drawn from one seeded generator, in order), or starting from the given x_T noise
+    [N, C, H, W] (the service draws each request's from its own seed). Runs on the model's device."""
     from diffusion.precond import EpsDenoiser
     from diffusion.samplers import SAMPLERS
     from diffusion.schedule import cosine_alphas_cumprod, sampling_timesteps
 
     mc = config.model
-    abar = cosine_alphas_cumprod(config.num_timesteps)
+    device = next(model.parameters()).device
+    abar = cosine_alphas_cumprod(config.num_timesteps).to(device)
     eps_model = EpsDenoiser(model, abar, config.prediction).eval()
     timesteps = sampling_timesteps(config.num_timesteps, steps)
     gen = torch.Generator().manual_seed(seed)
     n = len(cond["query"])
     out = []
     for lo in range(0, n, batch_size):
-        part = {k: v[lo : lo + batch_size] for k, v in cond.items()}
-        x = torch.randn((len(part["query"]), mc.channels, mc.image_size, mc.image_size), generator=gen)
+        part = {k: v[lo : lo + batch_size].to(device) for k, v in cond.items()}
+        shape = (len(part["query"]), mc.channels, mc.image_size, mc.image_size)
+        x = (noise[lo : lo + batch_size] if noise is not None else torch.randn(shape, generator=gen)).to(
+            device
+        )
         with torch.inference_mode():
             out.append(
                 to_uint8(SAMPLERS[sampler](eps_model, x, timesteps, part, guidance, abar, generator=gen))

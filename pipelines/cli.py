@@ -287,6 +287,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1, this machine only)"
     )
+    desc = "a browser page and JSON API (Ray Serve) to search databases and generate with a trained model"
+    p = sub.add_parser("app", help=desc, description=desc)
+    p.add_argument("--checkpoint", required=True, help="run folder (its latest checkpoint) or a state.pt")
+    p.add_argument(
+        "--database",
+        action="append",
+        required=True,
+        dest="databases",
+        help="local database folder or catalogue name (repeat for more; the first is the default)",
+    )
+    p.add_argument("--catalogue", default=None, help="catalogue JSON for database names")
+    p.add_argument("--port", type=int, default=8000, help="port (default: 8000)")
+    p.add_argument(
+        "--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1, this machine only)"
+    )
+    p.add_argument("--replicas", type=int, default=1, help="model replicas (default: 1)")
+    p.add_argument("--gpus-per-replica", type=float, default=0.0, help="GPUs per replica (default: 0)")
+    p.add_argument("--max-batch-size", type=int, default=16, help="requests batched together (default: 16)")
     desc = (
         "the embedded default, offline: procedural images served on 127.0.0.1 -> download -> fit a CLIP -> embed "
         "-> index -> aesthetic bands -> neighbours -> train the generator -> samples -> report.html"
@@ -446,6 +464,21 @@ def main(argv: list[str] | None = None) -> int:
             from retrieval.serve import serve
 
             serve(args.db, port=args.port, host=args.host)
+        elif args.command == "app":
+            from diffusion.app import AppConfig, run_app
+
+            run_app(
+                AppConfig(
+                    checkpoint=args.checkpoint,
+                    databases=args.databases,
+                    catalogue=args.catalogue,
+                    host=args.host,
+                    port=args.port,
+                    replicas=args.replicas,
+                    gpus_per_replica=args.gpus_per_replica,
+                    max_batch_size=args.max_batch_size,
+                )
+            )
         elif args.command == "demo":
             from pipelines.demo import run_demo
 

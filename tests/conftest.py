@@ -87,3 +87,13 @@ def shards(ray_session, image_server, tmp_path_factory):
     summary = download(config)
     assert summary.successes == NUM_TEST_IMAGES
     return str(root / "shards")
+
+
+@pytest.fixture(scope="session")
+def quick_demo(ray_session, tmp_path_factory):
+    """The quick demo's whole output (one run per session: test_run.py checks it, test_app.py serves it)."""
+    from pipelines.demo import run_demo
+
+    out = tmp_path_factory.mktemp("demo") / "out"
+    result = run_demo(str(out), quick=True)
+    return out, result

@@ -26,7 +26,7 @@ def all_subcommands(parser: argparse.ArgumentParser, prefix: str = "") -> dict[s
 
 def test_every_flag_has_help():
     subs = all_subcommands(build_parser())
-    assert {"download", "embed", "index", "serve", "demo", "neighbours", "catalogue"} <= set(subs)
+    assert {"download", "embed", "index", "serve", "demo", "neighbours", "catalogue", "app"} <= set(subs)
     assert {"aesthetic score", "aesthetic fit", "aesthetic subindex"} <= set(subs)
     for name, sub in subs.items():
         for action in sub._actions:
@@ -113,3 +113,13 @@ def test_train_and_sample_errors_name_the_flag(tmp_path, capsys):
     assert "--sampler" in capsys.readouterr().err
     assert main([*args, "--prompt", "x"]) == 2  # no checkpoint there
     assert "knn-diffusion train" in capsys.readouterr().err
+
+
+def test_app_refuses_a_missing_checkpoint_or_database_before_starting(tmp_path, capsys):
+    assert main(["app", "--checkpoint", str(tmp_path / "no-run"), "--database", str(tmp_path)]) == 2
+    assert "--checkpoint" in capsys.readouterr().err
+    state = tmp_path / "state.pt"
+    state.write_bytes(b"")
+    assert main(["app", "--checkpoint", str(state), "--database", str(tmp_path / "no-db")]) == 2
+    err = capsys.readouterr().err
+    assert "--database" in err and "catalogue name" in err

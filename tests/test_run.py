@@ -59,15 +59,6 @@ def test_quick_overrides_shrink_every_section():
     assert quick.sample.prompts == PipelineConfig().sample.prompts[: len(quick.sample.prompts)]
 
 
-@pytest.fixture(scope="module")
-def quick_demo(ray_session, tmp_path_factory):
-    from pipelines.demo import run_demo
-
-    out = tmp_path_factory.mktemp("demo") / "out"
-    result = run_demo(str(out), quick=True)
-    return out, result
-
-
 def manifest(out, stage: str) -> dict:
     with open(out / "manifests" / f"{stage}.json") as f:
         return json.load(f)

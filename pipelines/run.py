@@ -249,7 +249,7 @@ QUICK: dict[str, dict[str, Any]] = {
         "checkpoint_every": 150,
         "warmup_steps": 10,
     },
-    "sample": {"prompts": DEFAULT_PROMPTS[:2], "steps": 10, "num_per_prompt": 2},
+    "sample": {"prompts": lambda prompts: prompts[:2], "steps": 10, "num_per_prompt": 2},  # the first two
     "evaluate": {"num_prompts": 60, "steps": 10, "classifier_epochs": 30},
 }
 
@@ -275,11 +275,19 @@ def from_dict(cls: type[T], data: dict[str, Any] | None, where: str) -> T:
         raise ValueError(f"{where}: {err}") from err
 
 
+def _merge(base: Any, override: Any) -> Any:
+    """override merged into base, mappings key by key at every depth; a callable override maps base's value."""
+    if callable(override):
+        return override(base)
+    if isinstance(base, dict) and isinstance(override, dict):
+        return {**base, **{k: _merge(base.get(k), v) for k, v in override.items()}}
+    return override
+
+
 def with_overrides(config: PipelineConfig, overrides: dict[str, dict[str, Any]]) -> PipelineConfig:
-    merged = config.to_dict()
-    for section, values in overrides.items():
-        merged[section] = {**merged[section], **values}
-    return from_dict(PipelineConfig, merged, "config")
+    """config with overrides merged in at every depth: --quick changes sizes, and leaves the user's other
+    settings (generator.model.use_knn, the prompts themselves) as they were."""
+    return from_dict(PipelineConfig, _merge(config.to_dict(), overrides), "config")
 
 
 def load_config(path: str, output: str | None = None, quick: bool = False) -> PipelineConfig:

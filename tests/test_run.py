@@ -52,6 +52,18 @@ def test_config_errors_name_the_key(tmp_path):
         load_config(str(tmp_path / "nope.yaml"))
 
 
+def test_quick_keeps_the_users_settings_it_does_not_shrink(tmp_path):
+    path = tmp_path / "config.yaml"
+    path.write_text(
+        "generator:\n  model:\n    use_knn: false\n    num_heads: 2\n"
+        "sample:\n  prompts: [a red circle, a blue square, a green star]\n"
+    )
+    quick = load_config(str(path), quick=True)
+    assert quick.generator.model["use_knn"] is False and quick.generator.model["num_heads"] == 2  # merged
+    assert quick.generator.model["k"] == QUICK["generator"]["model"]["k"] and quick.generator.preset == "tiny"
+    assert quick.sample.prompts == ["a red circle", "a blue square"]  # the user's own, the first two
+
+
 def test_quick_overrides_shrink_every_section():
     quick = with_overrides(PipelineConfig(), QUICK)
     assert quick.data.num_images < PipelineConfig().data.num_images
@@ -77,7 +89,7 @@ def test_quick_demo_runs_every_stage_and_reports_them(quick_demo):
     bands = [b["name"] for b in manifest(out, "aesthetic")["result"]["bands"]]
     assert len(bands) == QUICK["aesthetic"]["quantile_bins"]
     for target in ["main", "ood"] + [f"band_{b}" for b in bands]:
-        for i in range(len(QUICK["sample"]["prompts"])):
+        for i in range(len(with_overrides(PipelineConfig(), QUICK).sample.prompts)):
             assert f"report/{target}_grid_{i}.png" in srcs and f"report/{target}_neighbours_{i}.png" in srcs
     assert "report/loss.png" in srcs
     for stage in STAGES:

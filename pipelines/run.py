@@ -295,7 +295,13 @@ def load_config(path: str, output: str | None = None, quick: bool = False) -> Pi
     if not os.path.exists(path):
         raise FileNotFoundError(f"config {path} does not exist")
     with open(path) as f:
-        data = yaml.safe_load(f) or {}
+        try:
+            data = yaml.safe_load(f) or {}
+        except yaml.YAMLError as err:
+            mark = getattr(err, "problem_mark", None)
+            where = f" line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+            problem = getattr(err, "problem", None) or err
+            raise ValueError(f"config {path}{where}: not valid YAML ({problem}); fix it and rerun") from err
     if not isinstance(data, dict):
         raise ValueError(f"config {path} must be a YAML mapping")
     config = from_dict(PipelineConfig, data, path)

@@ -32,6 +32,10 @@ def load(path: str) -> dict[str, Any]:
     """The catalogue at `path` ({"version": 1, "databases": {}} when the file does not exist yet)."""
     if not os.path.exists(path):
         return {"version": 1, "databases": {}}
+    if os.path.isdir(path):
+        raise ValueError(
+            f"catalogue {path} is a folder; pass the catalogue JSON file (e.g. {path}/catalogue.json)"
+        )
     with open(path) as f:
         try:
             cat = json.load(f)

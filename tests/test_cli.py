@@ -123,3 +123,16 @@ def test_app_refuses_a_missing_checkpoint_or_database_before_starting(tmp_path, 
     assert main(["app", "--checkpoint", str(state), "--database", str(tmp_path / "no-db")]) == 2
     err = capsys.readouterr().err
     assert "--database" in err and "catalogue name" in err
+
+
+def test_broken_yaml_and_a_catalogue_folder_are_one_line_errors(tmp_path, capsys):
+    bad = tmp_path / "config.yaml"
+    bad.write_text("generator:\n  steps: [1\n")
+    assert main(["run", str(bad)]) == 2
+    err = capsys.readouterr().err
+    assert f"config {bad} line 3, column 1: not valid YAML" in err and "Traceback" not in err
+    folder = tmp_path / "cat"
+    folder.mkdir()
+    assert main(["catalogue", "list", "--catalogue", str(folder)]) == 2
+    err = capsys.readouterr().err
+    assert f"catalogue {folder} is a folder" in err

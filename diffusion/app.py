@@ -81,19 +81,17 @@ class AppConfig:
     def check(self) -> None:
         """Fail here, in one line, on what every replica would fail on: a missing checkpoint or database."""
         from diffusion.train import latest_checkpoint
-        from retrieval.catalogue import default_path, load
+        from retrieval.catalogue import find
 
         latest_checkpoint(self.checkpoint)
-        names = None
         for name in self.databases:
-            if os.path.exists(os.path.join(name, "database.json")):
-                continue
-            if names is None:
-                names = load(self.catalogue or default_path())["databases"]
-            if name not in names:
+            try:
+                find(name, self.catalogue)
+            except KeyError as err:
                 raise FileNotFoundError(
-                    f"--database {name}: neither a database folder (no database.json) nor a catalogue name"
-                )
+                    f"--database {name}: neither a database folder (no database.json) nor a catalogue name "
+                    f"({err.args[0]})"
+                ) from err
 
 
 def png_data_url(image: np.ndarray) -> str:
@@ -161,20 +159,10 @@ class GenerationService:
         if band is not None and band not in [b.name for b in db.bands]:
             raise LookupError(f"band {band!r} is not a band of this database ({[b.name for b in db.bands]})")
 
-    def _thumbnails(self, db: Any, ids: list[int]) -> list[str | None]:
-        from PIL import Image
+    def _thumbnails(self, db: Any, ids: list[int]) -> list[str]:
+        from diffusion.sample import thumbnails
 
-        found = db.images(np.array(ids, np.int64)) if ids else {}
-        out: list[str | None] = []
-        for i in ids:
-            raw = found.get(int(i))
-            if raw is None:
-                out.append(None)
-                continue
-            with Image.open(io.BytesIO(raw)) as im:
-                thumb = im.convert("RGB").resize((THUMBNAIL_PX, THUMBNAIL_PX))
-            out.append(png_data_url(np.asarray(thumb)))
-        return out
+        return [png_data_url(t) for t in thumbnails(db, np.array(ids, np.int64), THUMBNAIL_PX)]
 
     def _captions(self, db: Any, ids: list[int]) -> list[str]:
         if not ids:
@@ -208,7 +196,8 @@ class GenerationService:
             raise ValueError(f"k={request.k}: the model conditions on at most {k} neighbours")
 
     def generate_many(self, requests: list[GenerateRequest]) -> list[dict[str, Any]]:
-        """Each request's result (or its error), running requests with the same settings as one batch."""
+        """Each request's result, running requests with the same settings as one batch (requests are checked by
+        validate() before they join a batch)."""
         from diffusion.sample import generate, retrieval_condition
 
         groups: dict[tuple, list[int]] = {}
@@ -228,7 +217,7 @@ class GenerationService:
                     if r.k is not None:
                         cond["valid"][row, r.k :] = False
             counts = [r.num_images for r in batch]
-            cond = {key: v.repeat_interleave(torch.tensor(counts), dim=0) for key, v in cond.items()}
+            cond = {part: v.repeat_interleave(torch.tensor(counts), dim=0) for part, v in cond.items()}
             shape = (mc.channels, mc.image_size, mc.image_size)
             noise = torch.cat(
                 [

@@ -235,7 +235,7 @@ def sample(config: SampleConfig) -> dict[str, Any]:
             ]
             with contextlib.suppress(KeyError):  # a remote database knows only what its searches returned
                 entry["neighbour_captions"] = [str(c) for c in db.metadata(np.array(ids)).get("caption", [])]
-            thumbs.extend(_thumbnails(db, found.ids[i], mc.image_size))
+            thumbs.extend(thumbnails(db, found.ids[i], mc.image_size))
         record["prompts"].append(entry)
     if thumbs and any(t.any() for t in thumbs):
         save_png(grid(thumbs, cols=mc.k), os.path.join(config.output, "neighbours.png"))
@@ -253,7 +253,7 @@ def sample(config: SampleConfig) -> dict[str, Any]:
     return record
 
 
-def _thumbnails(db: Any, ids: np.ndarray, size: int) -> list[np.ndarray]:
+def thumbnails(db: Any, ids: np.ndarray, size: int) -> list[np.ndarray]:
     """[size, size, 3] uint8 per id: the database's image when it has it, else blank."""
     from PIL import Image
 

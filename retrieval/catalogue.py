@@ -87,6 +87,21 @@ def local_entry(db: str) -> dict[str, Any]:
     return entry
 
 
+def find(name_or_path: str, catalogue: str | None = None) -> dict[str, Any]:
+    """What a database folder path or catalogue name stands for, without opening it: {"kind": "local",
+    "path": ...} for a folder holding database.json, else its catalogue entry. KeyError when it is neither."""
+    if os.path.exists(os.path.join(name_or_path, "database.json")):
+        return {"kind": "local", "path": name_or_path}
+    path = catalogue or default_path()
+    databases = load(path)["databases"]
+    if name_or_path not in databases:
+        raise KeyError(
+            f"{name_or_path!r} is neither a database folder nor a name in the catalogue {path} "
+            f"(it names {sorted(databases)}); add it with `knn-diffusion catalogue add`"
+        )
+    return databases[name_or_path]
+
+
 def open_database(name_or_path: str, catalogue: str | None = None, **remote_options: Any) -> Any:
     """A Database (local folder) or RemoteDatabase (clip-retrieval back), by folder path or catalogue name.
 
@@ -95,16 +110,7 @@ def open_database(name_or_path: str, catalogue: str | None = None, **remote_opti
     from retrieval.database import Database
     from retrieval.remote import RemoteDatabase
 
-    if os.path.exists(os.path.join(name_or_path, "database.json")):
-        return Database.open(name_or_path)
-    path = catalogue or default_path()
-    databases = load(path)["databases"]
-    if name_or_path not in databases:
-        raise KeyError(
-            f"{name_or_path!r} is neither a database folder nor a name in the catalogue {path} "
-            f"(it names {sorted(databases)}); add it with `knn-diffusion catalogue add`"
-        )
-    entry = databases[name_or_path]
+    entry = find(name_or_path, catalogue)
     if entry["kind"] == "local":
         return Database.open(entry["path"])
     return RemoteDatabase(entry["url"], entry["indice_name"], entry["clip_model"], **remote_options)

@@ -205,11 +205,11 @@ class Int8ImageTower:
         else:
             model = quantise_image_tower(visual)
             if cached:  # export + quantisation take ~10 s for ViT-B/32; every later actor reads the file
-                os.makedirs(os.path.dirname(cached), exist_ok=True)
-                tmp = f"{cached}.tmp-{os.getpid()}"
-                with open(tmp, "wb") as f:
-                    f.write(model)
-                os.replace(tmp, cached)
+                import fsspec
+
+                from pipelines.atomic import atomic_write_bytes  # as retrieval/aesthetic.py's head cache
+
+                atomic_write_bytes(fsspec.filesystem("file"), cached, model)
         options = ort.SessionOptions()
         options.intra_op_num_threads = threads or torch.get_num_threads()
         options.inter_op_num_threads = 1

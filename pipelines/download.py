@@ -69,6 +69,7 @@ class DownloadConfig:
     number_sample_per_shard: int = 10_000
     thread_count: int = 64
     timeout: float = 10.0
+    url_deadline: float = 60.0
     retries: int = 0
     max_shard_retry: int = 1
     allow_private_network: bool = False
@@ -98,8 +99,9 @@ class DownloadConfig:
         ):
             if getattr(self, name) <= 0:
                 raise ValueError(f"--{name.replace('_', '-')} must be positive, got {getattr(self, name)}")
-        if self.timeout <= 0:
-            raise ValueError(f"--timeout must be positive, got {self.timeout}")
+        for name in ("timeout", "url_deadline"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"--{name.replace('_', '-')} must be positive, got {getattr(self, name)}")
         self.policy()  # validates --allow-network now, not in a worker
 
     def policy(self) -> FetchPolicy:
@@ -107,6 +109,7 @@ class DownloadConfig:
             allow_private_network=self.allow_private_network,
             allowed_networks=tuple(self.allow_network or ()),
             max_bytes=self.max_image_bytes,
+            deadline_seconds=self.url_deadline,
         )
 
 
@@ -216,6 +219,8 @@ class GuardedResizer(Resizer):
         try:
             with Image.open(img_stream) as probe:  # reads the header only
                 width, height = probe.size
+        except Image.DecompressionBombError as err:  # PIL's own limit (2x its MAX_IMAGE_PIXELS) tripped first
+            return (None, None, None, None, None, f"decompression bomb refused: {err}")
         except Exception:  # not a format PIL knows: OpenCV decides (with OPENCV_IO_MAX_IMAGE_PIXELS set)
             width = height = 0
         if width * height > self.max_pixels:

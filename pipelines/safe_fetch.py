@@ -10,7 +10,10 @@ opener that:
   rebinding are covered: each hop of a redirect chain opens a new, checked connection), refusing
   loopback, private, link-local, multicast, reserved and unspecified addresses unless
   ``allow_private_network``;
-- caps the body size (``max_bytes``), refusing early on a larger Content-Length.
+- caps the body size (``max_bytes``) over every way of reading it (``read``, ``read1``, ``readinto``),
+  refusing early on a larger Content-Length;
+- gives each response a deadline (``deadline_seconds``) for its whole body, so a server dripping a byte
+  every few seconds (each within the socket timeout) cannot hold a fetch for longer.
 
 :func:`use_opener` installs it for the duration of a ``with`` block and restores the previous opener.
 """
@@ -23,12 +26,15 @@ import functools
 import http.client
 import ipaddress
 import socket
+import time
 import urllib.parse
 import urllib.request
 from collections.abc import Iterator
 
 DEFAULT_MAX_BYTES = 20 * 1024 * 1024
 DEFAULT_MAX_REDIRECTS = 5
+DEFAULT_DEADLINE_SECONDS = 60.0
+_CHUNK = 64 * 1024
 
 
 @dataclasses.dataclass(frozen=True)
@@ -39,6 +45,8 @@ class FetchPolicy:
     allowed_networks: CIDRs allowed although non-public (e.g. "127.0.0.1/32" for a local mirror only).
     max_bytes: largest response body accepted, in bytes.
     max_redirects: longest redirect chain followed.
+    deadline_seconds: longest time a response body may take to arrive, from its headers to its last byte
+      (the socket timeout bounds each wait for data, not the whole transfer).
     Only http(s) is ever fetched, whatever this says.
     """
 
@@ -46,6 +54,7 @@ class FetchPolicy:
     allowed_networks: tuple[str, ...] = ()
     max_bytes: int = DEFAULT_MAX_BYTES
     max_redirects: int = DEFAULT_MAX_REDIRECTS
+    deadline_seconds: float = DEFAULT_DEADLINE_SECONDS
 
     def __post_init__(self) -> None:
         for cidr in self.allowed_networks:
@@ -59,6 +68,8 @@ class FetchPolicy:
             raise ValueError(f"max_bytes must be positive, got {self.max_bytes}")
         if self.max_redirects < 0:
             raise ValueError(f"max_redirects must be >= 0, got {self.max_redirects}")
+        if not self.deadline_seconds > 0:
+            raise ValueError(f"the per-URL deadline must be positive, got {self.deadline_seconds}")
 
 
 class RefusedURLError(ValueError):
@@ -68,10 +79,22 @@ class RefusedURLError(ValueError):
 
 
 def is_public_address(address: str) -> bool:
-    """True for a globally routable unicast address (IPv4-mapped IPv6 is judged as the IPv4 it maps)."""
+    """True for a globally routable unicast address.
+
+    IPv6 forms that carry an IPv4 address are judged as that address: IPv4-mapped (::ffff:a.b.c.d), 6to4
+    (2002:aabb:ccdd::/16, which relays reach) and Teredo (2001::/32: its server and client). Site-local
+    fec0::/10 (deprecated, still routed inside some networks) is not public.
+    """
     ip = ipaddress.ip_address(address.split("%", 1)[0])
-    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
-        ip = ip.ipv4_mapped
+    if isinstance(ip, ipaddress.IPv6Address):
+        if ip.ipv4_mapped is not None:
+            ip = ip.ipv4_mapped
+        elif ip.sixtofour is not None:
+            return is_public_address(str(ip.sixtofour))
+        elif ip.teredo is not None:
+            return all(is_public_address(str(part)) for part in ip.teredo)
+        elif ip.is_site_local:
+            return False
     return not (
         ip.is_private
         or ip.is_loopback
@@ -123,24 +146,69 @@ def _guarded_create_connection(
 
 
 class _CappedResponse(http.client.HTTPResponse):
-    """An HTTPResponse whose read() refuses bodies above max_bytes instead of buffering them."""
+    """An HTTPResponse that refuses a body above max_bytes, or one still arriving after deadline_seconds.
 
-    def __init__(self, sock: socket.socket, *args: object, max_bytes: int, **kwargs: object) -> None:
+    Every read (read, read1, readinto, readline) is bounded by the bytes left under the cap; reads go
+    to the socket in chunks of at most 64 KiB, one receive at a time, so the deadline is checked between them.
+    """
+
+    def __init__(
+        self, sock: socket.socket, *args: object, max_bytes: int, deadline_seconds: float, **kwargs: object
+    ) -> None:
         super().__init__(sock, *args, **kwargs)  # type: ignore[arg-type]
         self.max_bytes = max_bytes
+        self.deadline_seconds = deadline_seconds
+        self._deadline = time.monotonic() + deadline_seconds
+        self._received = 0
 
-    def read(self, amt: int | None = None) -> bytes:
+    def begin(self) -> None:
+        super().begin()
+        self._deadline = time.monotonic() + self.deadline_seconds  # the body's clock starts with the headers
         if self.length is not None and self.length > self.max_bytes:
+            self.close()
             raise RefusedURLError(
                 f"refused: body of {self.length} bytes exceeds the limit of {self.max_bytes}"
             )
-        if amt is not None and amt <= self.max_bytes:
-            return super().read(amt)
-        data = super().read(self.max_bytes + 1)
-        if len(data) > self.max_bytes:
+
+    def _check(self, got: int) -> None:
+        self._received += got
+        if self._received > self.max_bytes:
             self.close()
             raise RefusedURLError(f"refused: body exceeds the limit of {self.max_bytes} bytes")
+        if time.monotonic() > self._deadline:
+            self.close()
+            raise RefusedURLError(
+                f"refused: body still arriving after {self.deadline_seconds:g} s (the per-URL deadline)"
+            )
+
+    def read1(self, n: int = -1) -> bytes:
+        left = self.max_bytes + 1 - self._received
+        data = super().read1(min(_CHUNK, left) if n is None or n < 0 else min(n, _CHUNK, left))
+        self._check(len(data))
         return data
+
+    def read(self, amt: int | None = None) -> bytes:
+        want = None if amt is None or amt < 0 else amt
+        out = bytearray()
+        while want is None or len(out) < want:
+            chunk = self.read1(_CHUNK if want is None else want - len(out))
+            if not chunk:
+                break
+            out += chunk
+        if want is None and self.length:  # the connection closed before the declared length arrived
+            raise http.client.IncompleteRead(bytes(out), self.length)
+        return bytes(out)
+
+    def readinto(self, b: bytearray | memoryview) -> int:  # type: ignore[override]
+        data = self.read1(len(b))
+        memoryview(b).cast("B")[: len(data)] = data
+        return len(data)
+
+    def readline(self, limit: int = -1) -> bytes:
+        left = self.max_bytes + 1 - self._received
+        line = super().readline(min(limit, left) if limit >= 0 else left)
+        self._check(len(line))
+        return line
 
 
 def _connection_class(base: type[http.client.HTTPConnection], policy: FetchPolicy) -> type:
@@ -148,7 +216,9 @@ def _connection_class(base: type[http.client.HTTPConnection], policy: FetchPolic
         def __init__(self, *args: object, **kwargs: object) -> None:
             super().__init__(*args, **kwargs)
             self._create_connection = functools.partial(_guarded_create_connection, policy)
-            self.response_class = functools.partial(_CappedResponse, max_bytes=policy.max_bytes)
+            self.response_class = functools.partial(
+                _CappedResponse, max_bytes=policy.max_bytes, deadline_seconds=policy.deadline_seconds
+            )
 
     return GuardedConnection
 

@@ -114,9 +114,12 @@ class RemoteDatabase:
     def embeddings(self, image_ids: np.ndarray) -> np.ndarray:
         """[n, D] float32: the images behind the ids, fetched by url (guarded) and embedded with the CLIP.
 
-        An image that cannot be fetched or decoded (dead links are common in web indexes) gives a zero row,
-        which callers treat as a missing neighbour; a warning names it.
+        An image that cannot be fetched or decoded (dead links are common in web indexes), or whose header
+        declares more than PIL's MAX_IMAGE_PIXELS (a decompression bomb: refused before decoding), gives a zero
+        row, which callers treat as a missing neighbour; a warning names it.
         """
+        import warnings
+
         from PIL import Image
 
         from pipelines.safe_fetch import FetchPolicy, guarded_opener
@@ -132,9 +135,11 @@ class RemoteDatabase:
         pixels, fetched = [], []
         for i, url in enumerate(urls):
             try:
-                with opener.open(url, timeout=self.timeout) as r:
+                with opener.open(url, timeout=self.timeout) as r, warnings.catch_warnings():
+                    warnings.simplefilter("error", Image.DecompressionBombWarning)
                     image = Image.open(io.BytesIO(r.read())).convert("RGB")
-            except (OSError, ValueError) as err:  # refused, unreachable, too big, not an image
+            except (OSError, ValueError, Image.DecompressionBombError, Image.DecompressionBombWarning) as err:
+                # refused, unreachable, too big, not an image, or a decompression bomb
                 log.warning("neighbour image %s skipped: %s", url, err)
                 continue
             pixels.append(encoder.preprocess(image))

@@ -5,8 +5,10 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import io
+import struct
 import threading
 import time
+import zlib
 from http.server import BaseHTTPRequestHandler
 from urllib.parse import parse_qs, urlsplit
 
@@ -24,13 +26,33 @@ def make_bomb_png(side: int) -> bytes:
     return buf.getvalue()
 
 
+def png_header(width: int, height: int) -> bytes:
+    """A PNG declaring width x height with no pixel data: PIL reads the size, and a decoder would allocate it."""
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
+    return (
+        b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"")) + chunk(b"IEND", b"")
+    )
+
+
 class ImageServer(LocalServer):
     """Routes: /img/<i>.jpg, /missing (404), /slow (sleeps), /corrupt.jpg, /page.html, /huge (chunk-less, no
-    Content-Length), /huge-declared (large Content-Length), /bomb.png, /redirect?to=<url>.
+    Content-Length), /huge-declared (large Content-Length), /bomb.png, /bomb-header.png (20000 x 20000 declared), /redirect?to=<url>, /drip (one byte every
+    drip_seconds, each well within any socket timeout).
     /img/<i>.jpg?delay=<s> answers after a delay (for interrupt tests)."""
 
-    def __init__(self, slow_seconds: float = 4.0, huge_bytes: int = 3_000_000, bomb_side: int = 3000) -> None:
+    def __init__(
+        self,
+        slow_seconds: float = 4.0,
+        huge_bytes: int = 3_000_000,
+        bomb_side: int = 3000,
+        drip_seconds: float = 0.25,
+    ) -> None:
         self.slow_seconds = slow_seconds
+        self.drip_seconds = drip_seconds
         self.huge_bytes = huge_bytes
         self.bomb = make_bomb_png(bomb_side)
         self.hits: dict[str, int] = {}
@@ -77,6 +99,17 @@ class ImageServer(LocalServer):
                     self.send_header("Content-Length", str(server.huge_bytes))
                     self.end_headers()
                     self.wfile.write(b"\x00" * 1024)
+                elif path == "/drip":
+                    self.send_response(200)
+                    self.send_header("Content-Length", "1000")
+                    self.end_headers()
+                    with contextlib.suppress(BrokenPipeError, ConnectionResetError):
+                        for _ in range(1000):
+                            self.wfile.write(b"\x00")
+                            self.wfile.flush()
+                            time.sleep(server.drip_seconds)
+                elif path == "/bomb-header.png":
+                    self._send(200, png_header(20_000, 20_000), "image/png")
                 elif path == "/bomb.png":
                     self._send(200, server.bomb, "image/png")
                 elif path == "/redirect":

@@ -12,7 +12,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from pipelines.download import DownloadConfig, download
-from tests.image_server import caption_for, make_image
+from tests.image_server import caption_for, make_image, png_header
 
 NUM_GOOD = 40
 
@@ -147,3 +147,20 @@ def test_bad_input_is_a_clear_error(tmp_path):
         DownloadConfig(url_list=str(tmp_path / "u.xyz"), output_folder=str(tmp_path / "o"))
     with pytest.raises(ValueError, match="--allow-network"):
         DownloadConfig(url_list=str(tmp_path / "u.parquet"), output_folder="o", allow_network=["nonsense"])
+
+
+@pytest.mark.parametrize("side", [12_000, 20_000])  # 144M pixels (PIL warns), 400M (PIL's own error)
+def test_resizer_refuses_bombs_past_pils_limit(side):
+    """Above 2x PIL's MAX_IMAGE_PIXELS, Image.open itself raises; that must still be refused as a bomb."""
+    import io
+
+    from pipelines.download import GuardedResizer
+
+    resizer = GuardedResizer(
+        image_size=64, resize_mode="border", resize_only_if_bigger=False, upscale_interpolation="lanczos",
+        downscale_interpolation="area", encode_quality=95, encode_format="jpg", skip_reencode=False,
+        disable_all_reencoding=False, min_image_size=0, max_image_area=float("inf"), max_aspect_ratio=float("inf"),
+        blurrer=None, max_pixels=1_000_000,
+    )  # fmt: skip
+    *_, error = resizer(io.BytesIO(png_header(side, side)))
+    assert error is not None and "decompression bomb refused" in error

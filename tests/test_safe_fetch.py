@@ -32,6 +32,11 @@ from pipelines.safe_fetch import (
         ("::ffff:10.0.0.1", False),  # IPv4-mapped private
         ("100.64.0.1", False),  # carrier-grade NAT
         ("224.0.0.1", False),
+        ("2002:7f00:1::1", False),  # 6to4 of 127.0.0.1
+        ("2002:a00:1::1", False),  # 6to4 of 10.0.0.1
+        ("2002:808:808::1", True),  # 6to4 of 8.8.8.8
+        ("2001:0:4136:e378:8000:63bf:f5ff:fffe", False),  # Teredo whose client is 10.0.0.1
+        ("fec0::1", False),  # site-local
     ],
 )
 def test_is_public_address(address, public):
@@ -103,6 +108,44 @@ def test_body_cap(image_server, path):
     opener = guarded_opener(FetchPolicy(allowed_networks=("127.0.0.1/32",), max_bytes=1_000_000))
     with pytest.raises(RefusedURLError, match="limit"), opener.open(image_server.base + path, timeout=5) as r:
         r.read()
+
+
+@pytest.mark.parametrize("how", ["read-amt", "read1", "readinto", "readline"])
+def test_body_cap_holds_for_every_read(image_server, how):
+    """Small reads add up: no way of reading gets more than max_bytes out of a response."""
+    opener = guarded_opener(FetchPolicy(allowed_networks=("127.0.0.1/32",), max_bytes=100_000))
+    got = 0
+    with (
+        pytest.raises(RefusedURLError, match="limit"),
+        opener.open(image_server.base + "/huge", timeout=5) as r,
+    ):
+        while True:
+            if how == "read-amt":
+                n = len(r.read(8192))
+            elif how == "read1":
+                n = len(r.read1(8192))
+            elif how == "readline":
+                n = len(r.readline())
+            else:
+                n = r.readinto(bytearray(8192))
+            if not n:
+                break
+            got += n
+    assert got <= 100_000
+
+
+def test_slow_drip_hits_the_deadline(image_server):
+    """One byte every 0.25 s never trips a 2 s socket timeout; the body deadline stops it."""
+    import time
+
+    opener = guarded_opener(FetchPolicy(allowed_networks=("127.0.0.1/32",), deadline_seconds=1.0))
+    start = time.monotonic()
+    with (
+        pytest.raises(RefusedURLError, match="deadline"),
+        opener.open(image_server.base + "/drip", timeout=2) as r,
+    ):
+        r.read()
+    assert time.monotonic() - start < 2.5
 
 
 def test_use_opener_restores_previous():

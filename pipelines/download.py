@@ -11,6 +11,12 @@ Output folder::
     00000.tar            webdataset: <key>.jpg, <key>.txt (caption), <key>.json (metadata)
     00000.parquet        one row per input URL: key, url, caption, extra columns, status, error_message
     00000_stats.json     img2dataset's counters; written last
+    _download.json       the settings that decide shard contents and keys; written before the first shard
+
+A rerun into the same folder must use the same settings (a different --number-sample-per-shard would give
+shards other URLs and images other keys, so URLs would be skipped or ids reused): it is refused, naming
+them. A folder that already holds anything without a ``_download.json`` is not ours and is refused too,
+so nothing a user keeps there is overwritten or deleted.
 """
 
 from __future__ import annotations
@@ -34,6 +40,7 @@ from img2dataset.writer import WebDatasetSampleWriter
 from PIL import Image
 from tqdm.auto import tqdm
 
+from pipelines.atomic import atomic_write_bytes
 from pipelines.safe_fetch import DEFAULT_MAX_BYTES, FetchPolicy, use_opener
 
 log = logging.getLogger(__name__)
@@ -269,6 +276,62 @@ class GuardedDownloader(Downloader):
         return {"shard_id": shard_id, "ok": True, "stats": stats}
 
 
+SETTINGS_FILE = "_download.json"
+# What decides which URLs a shard holds, the keys (image ids) they get and how images are stored.
+SHARD_SETTINGS = (
+    "input_format",
+    "url_col",
+    "number_sample_per_shard",
+    "image_size",
+    "resize_mode",
+    "resize_only_if_bigger",
+    "encode_format",
+    "encode_quality",
+    "min_image_size",
+    "max_aspect_ratio",
+)
+
+
+def shard_settings(config: DownloadConfig, caption_col: str | None, extra_cols: list[str]) -> dict[str, Any]:
+    settings: dict[str, Any] = {"url_list": absolute(config.url_list)}
+    settings.update({name: getattr(config, name) for name in SHARD_SETTINGS})
+    settings["max_aspect_ratio"] = str(settings["max_aspect_ratio"])  # inf is not JSON
+    settings.update(caption_col=caption_col, extra_cols=list(extra_cols))
+    return settings
+
+
+def claim_output_folder(output_folder: str, settings: dict[str, Any]) -> None:
+    """Make output_folder ours (or check it already is, with the same settings); refuse otherwise."""
+    fs, path = fsspec.core.url_to_fs(output_folder)
+    marker = f"{path}/{SETTINGS_FILE}"
+    if fs.exists(marker):
+        with fs.open(marker) as f:
+            try:
+                before = json.load(f)
+            except json.JSONDecodeError as err:
+                raise ValueError(
+                    f"{output_folder}/{SETTINGS_FILE} is not valid JSON ({err}); was it edited?"
+                ) from err
+        changed = [
+            f"{k}: {before.get(k)!r} -> {settings[k]!r}" for k in settings if before.get(k) != settings[k]
+        ]
+        if changed:
+            raise ValueError(
+                f"--output-folder {output_folder} was downloaded with other settings ({'; '.join(changed)}); "
+                "rerun with the same settings to resume, or use another --output-folder"
+            )
+        return
+    if fs.exists(path):
+        found = sorted(p.rsplit("/", 1)[-1] for p in fs.ls(path, detail=False))
+        if found:
+            raise ValueError(
+                f"--output-folder {output_folder} already holds files that no download wrote "
+                f"({', '.join(found[:3])}{', ...' if len(found) > 3 else ''}; no {SETTINGS_FILE}); "
+                "use a new or empty folder"
+            )
+    atomic_write_bytes(fs, marker, json.dumps(settings, indent=1).encode())
+
+
 def done_shards(output_folder: str) -> set[int]:
     """Shard ids whose stats file exists (the mark of a finished shard)."""
     fs, path = fsspec.core.url_to_fs(output_folder)
@@ -314,7 +377,7 @@ def download(config: DownloadConfig, ray_address: str | None = None) -> Download
     caption_col, extra_cols = resolve_columns(config)
     output_folder = absolute(config.output_folder)
     fs, out_path = fsspec.core.url_to_fs(output_folder)
-    fs.makedirs(out_path, exist_ok=True)
+    claim_output_folder(output_folder, shard_settings(config, caption_col, extra_cols))
     skip = done_shards(output_folder)
     tmp_path = f"{output_folder}/_tmp"
     fs.makedirs(f"{out_path}/_tmp", exist_ok=True)

@@ -27,8 +27,12 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import math
 import os
+import shutil
 import time
+import types
+import typing
 import uuid
 from collections.abc import Callable
 from typing import Any, TypeVar
@@ -50,6 +54,18 @@ DEFAULT_PROMPTS = [
 ]
 
 
+def _at_least(section: str, obj: Any, minimum: float, *names: str) -> None:
+    for name in names:
+        if not getattr(obj, name) >= minimum:
+            raise ValueError(f"{section}.{name} must be >= {minimum:g}, got {getattr(obj, name)!r}")
+
+
+def _positive(section: str, obj: Any, *names: str) -> None:
+    for name in names:
+        if not getattr(obj, name) > 0:
+            raise ValueError(f"{section}.{name} must be positive, got {getattr(obj, name)!r}")
+
+
 @dataclasses.dataclass
 class DataSettings:
     """Where the images come from.
@@ -60,6 +76,9 @@ class DataSettings:
     style, ood_style: procedural drawing styles of the two databases (the same kind of scenes, another look).
     image_size: side of the downloaded images [px]. images_per_shard: URLs per shard (unit of work).
     rating_col: the URL list column holding per-image ratings (for aesthetic.head = fit). seed: scenes.
+    allow_network, allow_private_network: non-public addresses the download of a url_list may fetch from, as
+    `download --allow-network` (CIDRs, e.g. [10.0.0.0/8] for a mirror on your network) and
+    `--allow-private-network`. Procedural images are served on 127.0.0.1 and only that address is allowed.
     """
 
     source: str = "procedural"
@@ -73,15 +92,19 @@ class DataSettings:
     images_per_shard: int = 250
     rating_col: str = "rating"
     seed: int = 0
+    allow_network: list[str] = dataclasses.field(default_factory=list)
+    allow_private_network: bool = False
 
     def __post_init__(self) -> None:
+        from pipelines.safe_fetch import FetchPolicy
+
+        FetchPolicy(allowed_networks=tuple(self.allow_network))  # a bad CIDR fails now
         if self.source not in ("procedural", "url_list"):
             raise ValueError(f"data.source must be procedural or url_list, got {self.source!r}")
         if self.source == "url_list" and not self.url_list:
             raise ValueError("data.source is url_list but data.url_list is not set")
-        for name in ("num_images", "image_size", "images_per_shard"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"data.{name} must be >= 1, got {getattr(self, name)}")
+        _at_least("data", self, 1, "num_images", "image_size", "images_per_shard")
+        _at_least("data", self, 0, "num_images_ood")
 
 
 @dataclasses.dataclass
@@ -100,6 +123,8 @@ class ClipSettings:
     holdout_fraction: float = 0.1
 
     def __post_init__(self) -> None:
+        _at_least("clip", self, 1, "epochs", "batch_size")
+        _positive("clip", self, "lr")
         if self.model != "fit":
             from retrieval.clip_model import ClipSpec
 
@@ -130,8 +155,7 @@ class AestheticSettings:
     fit_epochs: int = 200
 
     def __post_init__(self) -> None:
-        if self.quantile_bins < 1:
-            raise ValueError(f"aesthetic.quantile_bins must be >= 1, got {self.quantile_bins}")
+        _at_least("aesthetic", self, 1, "quantile_bins", "fit_epochs")
 
 
 @dataclasses.dataclass
@@ -160,6 +184,22 @@ class GeneratorSettings:
     def __post_init__(self) -> None:
         from diffusion.config import model_config
 
+        _at_least(
+            "generator",
+            self,
+            1,
+            "steps",
+            "batch_size_per_worker",
+            "num_workers",
+            "log_every",
+            "checkpoint_every",
+        )
+        _at_least("generator", self, 0, "warmup_steps", "seed")
+        _positive("generator", self, "lr", "min_snr_gamma")
+        if not 0 <= self.ema_decay < 1:
+            raise ValueError(f"generator.ema_decay must be in [0, 1), got {self.ema_decay!r}")
+        if self.prediction not in ("v", "eps"):
+            raise ValueError(f"generator.prediction must be v or eps, got {self.prediction!r}")
         model_config(self.preset, **self.model)  # fail now, not after an hour of earlier stages
 
 
@@ -181,8 +221,8 @@ class SampleSettings:
             raise ValueError("sample.prompts is empty")
         if self.sampler not in SAMPLERS:
             raise ValueError(f"sample.sampler must be one of {sorted(SAMPLERS)}, got {self.sampler!r}")
-        if self.num_per_prompt < 1 or self.steps < 1:
-            raise ValueError("sample.num_per_prompt and sample.steps must be >= 1")
+        _at_least("sample", self, 1, "num_per_prompt", "steps")
+        _at_least("sample", self, 0, "guidance")
 
 
 @dataclasses.dataclass
@@ -206,8 +246,13 @@ class EvaluateSettings:
 
         if self.sampler not in SAMPLERS:
             raise ValueError(f"evaluate.sampler must be one of {sorted(SAMPLERS)}, got {self.sampler!r}")
-        if self.num_prompts < 2 or self.steps < 1 or self.classifier_epochs < 1:
-            raise ValueError("evaluate.num_prompts must be >= 2, evaluate.steps and classifier_epochs >= 1")
+        _at_least("evaluate", self, 2, "num_prompts")
+        _at_least("evaluate", self, 1, "steps", "classifier_epochs")
+        _at_least("evaluate", self, 0, "guidance")
+        if self.eval_clip not in ("same", "fit") and not self.eval_clip.startswith("open_clip:"):
+            raise ValueError(
+                f"evaluate.eval_clip must be same, fit or an open_clip:... name, got {self.eval_clip!r}"
+            )
 
 
 @dataclasses.dataclass
@@ -256,8 +301,39 @@ QUICK: dict[str, dict[str, Any]] = {
 T = TypeVar("T")
 
 
+def _type_error(value: Any, annotation: Any) -> str | None:
+    """Why value does not fit a settings field's annotation (None when it fits). YAML gives bools for true/false,
+    ints and floats for numbers, so a string where a number or bool belongs ("abc", "no") is an error."""
+    args = typing.get_args(annotation)
+    if isinstance(annotation, types.UnionType) or typing.get_origin(annotation) is typing.Union:
+        if value is None and type(None) in args:
+            return None
+        annotation = next(a for a in args if a is not type(None))
+        args = typing.get_args(annotation)
+    origin = typing.get_origin(annotation) or annotation
+    if origin is bool:
+        return None if isinstance(value, bool) else "true or false"
+    if origin is int:
+        return None if isinstance(value, int) and not isinstance(value, bool) else "a whole number"
+    if origin is float:
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+        return None if ok else "a number"
+    if origin is str:
+        return None if isinstance(value, str) else "a string"
+    if origin is list:
+        if not isinstance(value, list):
+            return "a list, e.g. [a, b]"
+        return next(
+            (f"a list of which each item is {e}" for v in value if (e := _type_error(v, args[0]))), None
+        )
+    if origin is dict:
+        return None if isinstance(value, dict) else "a mapping"
+    return None
+
+
 def from_dict(cls: type[T], data: dict[str, Any] | None, where: str) -> T:
-    """A (nested) settings dataclass from a mapping; unknown keys are errors that name their place."""
+    """A (nested) settings dataclass from a mapping. Unknown keys and values of the wrong type are errors that
+    name their place (ranges are checked by each dataclass's __post_init__)."""
     if data is not None and not isinstance(data, dict):
         raise ValueError(f"{where} must be a mapping, got {type(data).__name__} {data!r}")
     data = dict(data or {})
@@ -265,10 +341,13 @@ def from_dict(cls: type[T], data: dict[str, Any] | None, where: str) -> T:
     unknown = sorted(set(data) - set(fields))
     if unknown:
         raise ValueError(f"{where}: unknown keys {unknown} (known: {sorted(fields)})")
+    hints = typing.get_type_hints(cls)
     for name, field in fields.items():
         sub = field.default_factory if field.default_factory is not dataclasses.MISSING else None  # type: ignore[misc]
         if name in data and dataclasses.is_dataclass(sub):
             data[name] = from_dict(sub, data[name], f"{where}.{name}")  # type: ignore[arg-type]
+        elif name in data and (expected := _type_error(data[name], hints[name])):
+            raise ValueError(f"{where}.{name} must be {expected}, got {data[name]!r}")
     try:
         return cls(**data)
     except TypeError as err:
@@ -304,7 +383,10 @@ def load_config(path: str, output: str | None = None, quick: bool = False) -> Pi
             raise ValueError(f"config {path}{where}: not valid YAML ({problem}); fix it and rerun") from err
     if not isinstance(data, dict):
         raise ValueError(f"config {path} must be a YAML mapping")
-    config = from_dict(PipelineConfig, data, path)
+    try:
+        config = from_dict(PipelineConfig, data, path)
+    except ValueError as err:
+        raise ValueError(str(err) if str(err).startswith(path) else f"config {path}: {err}") from err
     if quick:
         config = with_overrides(config, QUICK)
     if output:
@@ -467,7 +549,7 @@ class Pipeline:
         d = self.config.data
         results = {}
 
-        def fetch(db: str, url_list: str, allow: list[str] | None) -> None:
+        def fetch(db: str, url_list: str, allow: list[str], allow_private: bool = False) -> None:
             summary = download(
                 DownloadConfig(
                     url_list=url_list,
@@ -476,9 +558,22 @@ class Pipeline:
                     number_sample_per_shard=d.images_per_shard,
                     thread_count=16,
                     allow_network=allow,
+                    allow_private_network=allow_private,
                 ),
                 ray_address=self.config.ray_address,
             )
+            if summary.successes == 0:
+                # Not done: no manifest, and the shards (status files only) go, so a rerun fetches again
+                # instead of skipping them and failing later with a misleading message.
+                shutil.rmtree(self.path("shards", db))
+                errors = (
+                    "; ".join(f"{n}x {msg[:120]}" for msg, n in summary.top_errors[:3]) or "none recorded"
+                )
+                raise ValueError(
+                    f"download of the {db} database fetched no image from {summary.count} URLs (errors: {errors}). "
+                    "URLs on a private network need data.allow_network (CIDRs) or data.allow_private_network: "
+                    "true; fix the config and rerun"
+                )
             if summary.failed_shards:
                 raise ValueError(
                     f"download of the {db} database gave up on shards {summary.failed_shards}; run the same "
@@ -491,7 +586,8 @@ class Pipeline:
 
         if d.source == "url_list":
             for db in self.databases():
-                fetch(db, d.url_list if db == "main" else d.ood_url_list, None)  # type: ignore[arg-type]
+                url_list = d.url_list if db == "main" else d.ood_url_list
+                fetch(db, url_list, list(d.allow_network), d.allow_private_network)  # type: ignore[arg-type]
         else:
             with FolderServer(self.path("data")) as server:
                 for db in self.databases():

@@ -135,6 +135,29 @@ def test_rerun_skips_done_shards(ray_session, image_server, tmp_path):
     summary = download(config_for(url_list, tmp_path / "out", number_sample_per_shard=10))
     assert summary.num_shards_skipped == 2 and summary.successes == 20
     assert image_server.hits == hits  # nothing fetched again
+    # a rerun that would shard the list differently is refused, naming the setting; nothing is touched
+    before = {p: os.path.getmtime(p) for p in glob.glob(f"{tmp_path}/out/*")}
+    with pytest.raises(ValueError, match=r"number_sample_per_shard: 10 -> 7.*same settings"):
+        download(config_for(url_list, tmp_path / "out", number_sample_per_shard=7))
+    assert {p: os.path.getmtime(p) for p in glob.glob(f"{tmp_path}/out/*")} == before
+    assert image_server.hits == hits
+
+
+def test_foreign_output_folder_is_refused_untouched(tmp_path):
+    """A folder holding files no download wrote (an unfinished-looking tar, a _tmp/) is left exactly as it was."""
+    url_list = tmp_path / "urls.parquet"
+    pd.DataFrame({"url": ["http://example.com/a.jpg"]}).to_parquet(url_list)
+    out = tmp_path / "mine"
+    (out / "_tmp").mkdir(parents=True)
+    (out / "_tmp" / "notes.txt").write_text("keep me")
+    (out / "00000.tar").write_bytes(b"my own archive")
+    with pytest.raises(
+        ValueError, match=r"already holds files that no download wrote.*00000.tar.*new or empty"
+    ):
+        download(config_for(url_list, out, number_sample_per_shard=10))
+    assert (out / "_tmp" / "notes.txt").read_text() == "keep me"
+    assert (out / "00000.tar").read_bytes() == b"my own archive"
+    assert sorted(os.listdir(out)) == ["00000.tar", "_tmp"]
 
 
 def test_bad_input_is_a_clear_error(tmp_path):

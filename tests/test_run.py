@@ -52,6 +52,36 @@ def test_config_errors_name_the_key(tmp_path):
         load_config(str(tmp_path / "nope.yaml"))
 
 
+@pytest.mark.parametrize(
+    ("yaml_text", "message"),
+    [
+        ("generator:\n  steps: abc\n", "generator.steps must be a whole number, got 'abc'"),
+        ("generator:\n  steps: -5\n", "generator.steps must be >= 1, got -5"),
+        ("generator:\n  num_workers: 0\n", "generator.num_workers must be >= 1"),
+        ("generator:\n  lr: fast\n", "generator.lr must be a number, got 'fast'"),
+        ("generator:\n  use_gpu: 'no'\n", "generator.use_gpu must be true or false, got 'no'"),
+        ("generator:\n  ema_decay: 1.5\n", "generator.ema_decay must be in"),
+        ("sample:\n  prompts: a red circle\n", "sample.prompts must be a list"),
+        (
+            "sample:\n  prompts: [a red circle, 3]\n",
+            "sample.prompts must be a list of which each item is a string",
+        ),
+        ("sample:\n  guidance: -1\n", "sample.guidance must be >= 0"),
+        ("clip:\n  epochs: 0\n", "clip.epochs must be >= 1"),
+        ("data:\n  num_images: 1e3\n", "data.num_images must be a whole number"),
+        ("data:\n  allow_network: [bogus]\n", "is not a network"),
+        ("evaluate:\n  guidance: .nan\n", "evaluate.guidance must be a number"),
+    ],
+)
+def test_config_types_and_ranges_are_checked_before_any_stage(tmp_path, yaml_text, message):
+    """Every wrong value is refused when the config is loaded, naming the file and the key."""
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml_text)
+    with pytest.raises(ValueError, match=re.escape(message)) as err:
+        load_config(str(path))
+    assert "c.yaml" in str(err.value)
+
+
 def test_quick_keeps_the_users_settings_it_does_not_shrink(tmp_path):
     path = tmp_path / "config.yaml"
     path.write_text(
@@ -210,3 +240,34 @@ def test_cli_run_reports_bad_config(tmp_path, capsys):
     bad.write_text("clip:\n  model: ViT-B-32\n")
     assert main(["run", str(bad)]) == 2
     assert "clip.model must be fit or an open_clip" in capsys.readouterr().err
+
+
+def test_a_download_that_fetched_nothing_is_not_done(ray_session, image_server, tmp_path):
+    """All URLs refused (a private mirror without data.allow_network): the stage fails and leaves no manifest and no
+    shards, so rerunning with the config fixed fetches them instead of skipping to a misleading later error."""
+    import dataclasses
+
+    import pandas as pd
+
+    from pipelines.run import Pipeline, from_dict
+
+    urls = tmp_path / "urls.parquet"
+    pd.DataFrame(
+        {"url": [image_server.image_url(i) for i in range(6)], "caption": ["a red square"] * 6}
+    ).to_parquet(urls)
+    data = {"source": "url_list", "url_list": str(urls), "images_per_shard": 3}
+    out = tmp_path / "out"
+    config = from_dict(PipelineConfig, {"output": str(out), "data": data}, "test")
+    pipeline = Pipeline(config)
+    with pytest.raises(
+        ValueError, match=r"fetched no image from 6 URLs.*non-public address.*data.allow_network"
+    ):
+        pipeline.stage("download", dataclasses.asdict(config.data), pipeline.download)
+    assert not (out / "manifests" / "download.json").exists() and not (out / "shards" / "main").exists()
+
+    config = from_dict(
+        PipelineConfig, {"output": str(out), "data": {**data, "allow_network": ["127.0.0.1/32"]}}, "test"
+    )
+    pipeline = Pipeline(config)
+    result = pipeline.stage("download", dataclasses.asdict(config.data), pipeline.download)
+    assert result["main"]["successes"] == 6 and (out / "manifests" / "download.json").exists()

@@ -288,6 +288,27 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1, this machine only)"
     )
+    p.add_argument("--name", default="db", help="the index name clients pass as indice_name (default: db)")
+    p.add_argument(
+        "--allowed-host",
+        action="append",
+        default=[],
+        help="a Host header name to accept besides 127.0.0.1, localhost and --host (repeat for more)",
+    )
+    p.add_argument(
+        "--cors-origin",
+        action="append",
+        default=[],
+        help="an origin whose web pages may call the service, e.g. http://127.0.0.1:3000 (default: none)",
+    )
+    p.add_argument(
+        "--allow-image-urls",
+        action="store_true",
+        help="fetch image_url queries, public http(s) addresses only, through the download guard (default: off)",
+    )
+    p.add_argument(
+        "--max-body-bytes", type=int, default=2 * 1024 * 1024, help="largest request body (default: 2 MiB)"
+    )
     desc = "a browser page and JSON API (Ray Serve) to search databases and generate with a trained model"
     p = sub.add_parser("app", help=desc, description=desc)
     p.add_argument("--checkpoint", required=True, help="run folder (its latest checkpoint) or a state.pt")
@@ -462,9 +483,20 @@ def main(argv: list[str] | None = None) -> int:
         elif args.command == "catalogue":
             catalogue_command(args)
         elif args.command == "serve":
-            from retrieval.serve import serve
+            from retrieval.serve import ServeConfig, serve
 
-            serve(args.db, port=args.port, host=args.host)
+            serve(
+                ServeConfig(
+                    db=args.db,
+                    port=args.port,
+                    host=args.host,
+                    name=args.name,
+                    allowed_hosts=tuple(args.allowed_host),
+                    cors_origins=tuple(args.cors_origin),
+                    allow_image_urls=args.allow_image_urls,
+                    max_body_bytes=args.max_body_bytes,
+                )
+            )
         elif args.command == "app":
             from diffusion.app import AppConfig, run_app
 

@@ -64,16 +64,18 @@ class SampleConfig:
 
 def load_model(checkpoint: str, use_ema: bool = True) -> tuple[torch.nn.Module, TrainConfig, int]:
     """(model in eval mode, its training config, its step) from a run folder or state.pt (weights_only)."""
-    import fsspec
 
     from diffusion.model import build_network
-    from diffusion.train import latest_checkpoint
+    from diffusion.train import latest_checkpoint, load_weights, read_state
 
-    with fsspec.open(latest_checkpoint(checkpoint)) as f:
-        state = torch.load(f, map_location="cpu", weights_only=True)
-    config = TrainConfig.from_dict(json.loads(state["config"]))
+    path = latest_checkpoint(checkpoint)
+    state = read_state(path)
+    try:
+        config = TrainConfig.from_dict(json.loads(state["config"]))
+    except (ValueError, TypeError, KeyError) as err:
+        raise ValueError(f"checkpoint {path}: its training config cannot be read ({err})") from err
     model = build_network(config.model)
-    model.load_state_dict(state["ema" if use_ema else "model"])
+    load_weights(model, state["ema" if use_ema else "model"], path, "EMA" if use_ema else "model")
     return model.eval(), config, int(state["step"])
 
 

@@ -15,6 +15,7 @@ import json
 import logging
 import math
 import os
+import pickle
 import tempfile
 import time
 from contextlib import nullcontext
@@ -160,9 +161,9 @@ def train_loop_per_worker(cfg: dict[str, Any]) -> None:
     checkpoint = ray.train.get_checkpoint()
     if checkpoint:
         with checkpoint.as_directory() as d:
-            state = torch.load(os.path.join(d, STATE_FILE), map_location="cpu", weights_only=True)
-        model.load_state_dict(state["model"])
-        ema.module.load_state_dict(state["ema"])
+            state = read_state(os.path.join(d, STATE_FILE))
+        load_weights(model, state["model"], STATE_FILE)
+        load_weights(ema.module, state["ema"], STATE_FILE, "EMA")
         opt.load_state_dict(state["optimizer"])
         step = int(state["step"])
     start_step = step
@@ -415,5 +416,39 @@ def _latest_state(run: str) -> tuple[str | None, int]:
 
 
 def _step_of(fs: Any, path: str) -> int:
-    with fs.open(path) as f:
-        return int(torch.load(f, map_location="cpu", weights_only=True)["step"])
+    return int(read_state(path, fs)["step"])
+
+
+STATE_KEYS = ("model", "ema", "optimizer", "step", "config")
+
+
+def read_state(path: str, fs: Any = None) -> dict[str, Any]:
+    """A checkpoint's state dict (weights_only: tensors and plain containers, no code). A file that is empty,
+    truncated, not a torch file or not one of our checkpoints is a ValueError that names it."""
+    if fs is None:
+        fs, path = fsspec.core.url_to_fs(path)
+    try:
+        with fs.open(path) as f:
+            state = torch.load(f, map_location="cpu", weights_only=True)
+    except (EOFError, OSError, RuntimeError, pickle.UnpicklingError, ValueError) as err:
+        reason = str(err).strip().splitlines()[0].split(". ")[0] if str(err).strip() else type(err).__name__
+        raise ValueError(
+            f"checkpoint {path} cannot be read ({reason}): it is empty, truncated or not a torch file; "
+            "delete it to fall back to the previous checkpoint, or pass another --checkpoint"
+        ) from err
+    missing = [k for k in STATE_KEYS if not isinstance(state, dict) or k not in state]
+    if missing:
+        raise ValueError(f"checkpoint {path} is not a kNN-Diffusion training state (no {missing})")
+    return state
+
+
+def load_weights(module: torch.nn.Module, weights: dict[str, Any], path: str, what: str = "model") -> None:
+    """module.load_state_dict(weights), with a one-line error naming the checkpoint when they do not fit."""
+    try:
+        module.load_state_dict(weights)
+    except RuntimeError as err:
+        lines = [line.strip() for line in str(err).splitlines()[1:] if line.strip()]
+        raise ValueError(
+            f"checkpoint {path}: the {what} weights do not fit the network its config describes "
+            f"({len(lines)} problems, first: {lines[0][:200] if lines else err}); the file was changed or mixed up"
+        ) from err

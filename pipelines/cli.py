@@ -157,6 +157,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     parser = argparse.ArgumentParser(prog="knn-diffusion", description=__doc__.splitlines()[0])
     parser.add_argument("-v", "--verbose", action="store_true", help="log at DEBUG level")
+    parser.add_argument(
+        "--debug", action="store_true", help="on an error, print the whole traceback instead of one line"
+    )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     ray_help = "Ray cluster to run on (auto, host:6379, ray://host:10001); default: start a local Ray"
     for name, cls, desc in (
@@ -522,10 +525,29 @@ def main(argv: list[str] | None = None) -> int:
             config = load_config(args.config, output=args.output, quick=args.quick)
             config.ray_address = args.ray_address or config.ray_address
             run_pipeline(config)
-    except (ValueError, FileNotFoundError, KeyError) as err:
-        print(f"knn-diffusion {args.command}: error: {err}", file=sys.stderr)
+    except (
+        ValueError,
+        OSError,
+        KeyError,
+    ) as err:  # user errors: bad input, missing files, unreachable services
+        if args.debug:
+            raise
+        print(
+            f"knn-diffusion {args.command}: error: {one_line(err)} (run `knn-diffusion --debug ...` for the traceback)",
+            file=sys.stderr,
+        )
         return 2
     return 0
+
+
+def one_line(err: BaseException) -> str:
+    """The message of an error raised here or inside a Ray task (whose text carries the remote traceback)."""
+    cause = getattr(err, "cause", None)  # ray.exceptions.RayTaskError keeps the original exception
+    if isinstance(cause, BaseException):
+        err = cause
+    text = str(err.args[0]) if isinstance(err, KeyError) and err.args else str(err)
+    lines = [line for line in text.strip().splitlines() if line.strip()]
+    return lines[0] if lines else type(err).__name__
 
 
 if __name__ == "__main__":

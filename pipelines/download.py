@@ -271,8 +271,7 @@ class GuardedDownloader(Downloader):
         for suffix in (".tar", ".parquet", "_stats.json"):  # stats last: it marks the shard done
             fs.mv(f"{staging_path}/{name}{suffix}", f"{final_path}/{name}{suffix}")
         fs.rm(staging_path, recursive=True)
-        with fs.open(f"{final_path}/{name}_stats.json") as f:
-            stats = json.load(f)
+        stats = read_stats(fs, f"{final_path}/{name}_stats.json")
         return {"shard_id": shard_id, "ok": True, "stats": stats}
 
 
@@ -332,6 +331,35 @@ def claim_output_folder(output_folder: str, settings: dict[str, Any]) -> None:
     atomic_write_bytes(fs, marker, json.dumps(settings, indent=1).encode())
 
 
+def read_stats(fs: Any, path: str) -> dict[str, Any]:
+    """A shard's <NNNNN>_stats.json; a damaged one is an error that names it and says how to redo the shard."""
+    try:
+        with fs.open(path) as f:
+            stats = json.load(f)
+        int(stats["successes"]), int(stats["count"])
+        return stats
+    except (ValueError, KeyError, TypeError) as err:
+        raise ValueError(
+            f"{path} is not a download stage's stats file ({type(err).__name__}: {err}); delete it and the shard's "
+            ".tar and .parquet beside it, then rerun `knn-diffusion download` with the same settings to redo the shard"
+        ) from err
+
+
+def check_tar_header(fs: Any, path: str) -> None:
+    """Refuse a shard whose .tar does not start with a tar header (damaged or not ours), naming it."""
+    import tarfile
+
+    with fs.open(path, "rb") as f:
+        block = f.read(tarfile.BLOCKSIZE)
+    try:
+        tarfile.TarInfo.frombuf(block, "utf-8", "surrogateescape")
+    except tarfile.HeaderError as err:
+        raise ValueError(
+            f"{path} is not a readable tar ({err}); delete it and its _stats.json, then rerun "
+            "`knn-diffusion download` with the same settings to redo the shard"
+        ) from err
+
+
 def done_shards(output_folder: str) -> set[int]:
     """Shard ids whose stats file exists (the mark of a finished shard)."""
     fs, path = fsspec.core.url_to_fs(output_folder)
@@ -346,8 +374,7 @@ def summarize(output_folder: str, num_skipped: int, seconds: float) -> DownloadS
     errors: Counter[str] = Counter()
     files = sorted(fs.glob(f"{path}/*_stats.json"))
     for p in files:
-        with fs.open(p) as f:
-            stats = json.load(f)
+        stats = read_stats(fs, p)
         for k in ("count", "successes", "failed_to_download", "failed_to_resize"):
             totals[k] += stats[k]
         errors.update({k: v for k, v in stats.get("status_dict", {}).items() if k != "success"})

@@ -89,13 +89,17 @@ def finished_shards(shards: str) -> dict[int, tuple[str, int]]:
     fs, path = fsspec.core.url_to_fs(shards)
     if not fs.exists(path):
         raise FileNotFoundError(f"--shards {shards} does not exist; run `knn-diffusion download` first")
+    from pipelines.download import check_tar_header, read_stats
+
     found = {}
     for stats_path in fs.glob(f"{path}/*_stats.json"):
         name = stats_path.rsplit("/", 1)[-1].removesuffix("_stats.json")
-        with fs.open(stats_path) as f:
-            successes = int(json.load(f)["successes"])
+        if not name.isdigit():
+            continue
+        successes = int(read_stats(fs, stats_path)["successes"])
         tar = f"{path}/{name}.tar"
         if successes and fs.exists(tar):
+            check_tar_header(fs, tar)
             found[int(name)] = (fs.unstrip_protocol(tar) if "://" in shards else tar, successes)
     if not found:
         raise FileNotFoundError(f"--shards {shards} holds no finished shard with images (no *_stats.json)")

@@ -99,6 +99,22 @@ def select_neighbours(
     return sel_ids, sel_scores, sel_keep.sum(axis=1)
 
 
+def apply_search_params(index: Any, params: str | None) -> None:
+    """Set faiss ParameterSpace parameters ("nprobe=64,efSearch=128") on index; refuse ones it does not have."""
+    import faiss
+
+    if index is None or not params:
+        return
+    try:
+        faiss.ParameterSpace().set_index_parameters(index, params)
+    except RuntimeError as err:
+        reason = str(err).rsplit(":", 1)[-1].strip()  # faiss prefixes the C++ function signature
+        raise ValueError(
+            f"--search-params {params!r} do not apply to this index ({reason}); use parameters of its type, e.g. "
+            "nprobe=64 for IVF or efSearch=128 for HNSW (see the index's key in index_infos.json)"
+        ) from err
+
+
 class NeighbourSearcher:
     """Holds one index (opened once, memory-mapped where possible); __call__(part) writes that part's table."""
 
@@ -114,13 +130,7 @@ class NeighbourSearcher:
         self.config = config
         self.database = Database.open(config.db)
         self.index, self.index_ids = self.database.index_and_ids(config.index)
-        if self.index is not None and config.search_params:
-            try:
-                faiss.ParameterSpace().set_index_parameters(self.index, config.search_params)
-            except RuntimeError as err:
-                raise ValueError(
-                    f"--search-params {config.search_params!r} do not apply to this index: {err}"
-                ) from err
+        apply_search_params(self.index, config.search_params)
 
     def search(self, query_ids: np.ndarray, queries: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """(neighbour ids [Q, k], scores [Q, k], number found [Q]); widens the search where too many are skipped."""
@@ -236,6 +246,7 @@ def compute(config: NeighboursConfig, ray_address: str | None = None) -> dict[st
     database = Database.open(config.db)  # fail here, not in an actor, on a missing index or band
     if config.index is not None:
         database.band(config.index)
+    apply_search_params(database.index_and_ids(config.index)[0], config.search_params)
     out = config.output
     fs, root = fsspec.core.url_to_fs(out)
     settings = {**config.settings(), "index_identity": index_identity(config.db, config.index)}

@@ -65,8 +65,20 @@ class RemoteDatabase:
             raise ValueError(f"the remote database {self.url} did not answer /{endpoint}: {err}") from err
 
     def indices(self) -> list[str]:
-        with urllib.request.urlopen(f"{self.url}/indices-list", timeout=self.timeout) as r:
-            return json.loads(_read_capped(r, MAX_RESPONSE_BYTES, f"{self.url}/indices-list"))
+        try:
+            with urllib.request.urlopen(f"{self.url}/indices-list", timeout=self.timeout) as r:
+                found = json.loads(_read_capped(r, MAX_RESPONSE_BYTES, f"{self.url}/indices-list"))
+        except OSError as err:
+            raise ValueError(f"the remote database {self.url} did not answer /indices-list: {err}") from err
+        except json.JSONDecodeError as err:
+            raise ValueError(
+                f"{self.url}/indices-list did not answer JSON ({err}); is it a clip-retrieval back?"
+            ) from err
+        if not isinstance(found, list) or not found:
+            raise ValueError(
+                f"{self.url}/indices-list answered {str(found)[:100]!r}, not a list of index names"
+            )
+        return [str(name) for name in found]
 
     def search(self, queries: np.ndarray, k: int, band: str | int | None = None) -> SearchResult:
         """k nearest images per query; ids are the service's image_id column (else its row id)."""

@@ -136,3 +136,110 @@ def test_broken_yaml_and_a_catalogue_folder_are_one_line_errors(tmp_path, capsys
     assert main(["catalogue", "list", "--catalogue", str(folder)]) == 2
     err = capsys.readouterr().err
     assert f"catalogue {folder} is a folder" in err
+
+
+def one_error_line(capsys) -> str:
+    """The CLI's stderr must be exactly one error line (logging aside), with no traceback."""
+    err = capsys.readouterr().err
+    assert "Traceback" not in err, err[-2000:]
+    lines = [line for line in err.splitlines() if line.startswith("knn-diffusion ")]
+    assert len(lines) == 1, err[-2000:]
+    return lines[0]
+
+
+def test_damaged_shards_are_one_line_errors_naming_the_file(tmp_path, capsys):
+    import json
+
+    shards = tmp_path / "shards"
+    shards.mkdir()
+    (shards / "00000.tar").write_bytes(np.random.default_rng(0).bytes(5000))
+    (shards / "00000_stats.json").write_text(json.dumps({"count": 3, "successes": 3}))
+    args = [
+        "embed",
+        "--shards",
+        str(shards),
+        "--output",
+        str(tmp_path / "db"),
+        "--clip-model",
+        "open_clip:ViT-S-32/x",
+    ]
+    assert main(args) == 2
+    line = one_error_line(capsys)
+    assert "00000.tar is not a readable tar" in line and "rerun `knn-diffusion download`" in line
+    (shards / "00000_stats.json").write_text('{"count": 3, "succ')
+    assert main(args) == 2
+    assert "00000_stats.json is not a download stage's stats file" in one_error_line(capsys)
+    with pytest.raises(ValueError, match="stats file"):
+        main(["--debug", *args])
+
+
+def test_unreachable_catalogue_service_is_one_line(tmp_path, capsys):
+    import socket
+
+    with socket.socket() as s:  # a port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    args = ["catalogue", "add", "--catalogue", str(tmp_path / "c.json"), "--name", "web"]
+    assert (
+        main([*args, "--url", f"http://127.0.0.1:{port}", "--clip-model", "open_clip:ViT-B-32/openai"]) == 2
+    )
+    assert f"http://127.0.0.1:{port} did not answer /indices-list" in one_error_line(capsys)
+
+
+def test_bad_search_params_and_checkpoints_are_one_line(quick_demo, tmp_path, capsys):
+    """On the quick demo's database and run: faiss parameters the index lacks; checkpoints that are empty,
+    truncated, another file's, or hold weights of other shapes."""
+    import glob
+    import pathlib
+
+    import torch
+
+    out, _ = quick_demo
+    db = str(out / "db" / "main")
+    args = [
+        "neighbours",
+        "--db",
+        db,
+        "--k",
+        "2",
+        "--output",
+        str(tmp_path / "nb"),
+        "--search-params",
+        "bogus=1",
+    ]
+    assert main(args) == 2
+    assert (
+        "--search-params 'bogus=1' do not apply to this index (could not set parameter bogus)"
+        in one_error_line(capsys)
+    )
+    assert not (tmp_path / "nb").exists()  # refused before anything was written
+
+    state = sorted(glob.glob(f"{out}/run/**/state.pt", recursive=True))[-1]
+    good = torch.load(state, weights_only=True)
+    (tmp_path / "empty.pt").write_bytes(b"")
+    (tmp_path / "truncated.pt").write_bytes(pathlib.Path(state).read_bytes()[:50_000])
+    torch.save({"weights": torch.zeros(3)}, tmp_path / "other.pt")
+    name = next(k for k, v in good["ema"].items() if v.ndim == 2)
+    good["ema"][name] = torch.zeros(3, 3)
+    torch.save(good, tmp_path / "shape.pt")
+    for ckpt, message in (
+        ("empty.pt", "cannot be read"),
+        ("truncated.pt", "cannot be read"),
+        ("other.pt", "is not a kNN-Diffusion training state"),
+        (
+            "shape.pt",
+            f"the EMA weights do not fit the network its config describes (1 problems, first: size mismatch for {name}",
+        ),
+    ):
+        sample = [
+            "sample",
+            "--checkpoint",
+            str(tmp_path / ckpt),
+            "--database",
+            db,
+            "--output",
+            str(tmp_path / "s"),
+        ]
+        assert main([*sample, "--prompt", "a red circle"]) == 2
+        line = one_error_line(capsys)
+        assert f"checkpoint {tmp_path / ckpt}" in line and message in line, line

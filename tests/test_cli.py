@@ -186,6 +186,18 @@ def test_unreachable_catalogue_service_is_one_line(tmp_path, capsys):
     assert f"http://127.0.0.1:{port} did not answer /indices-list" in one_error_line(capsys)
 
 
+class RunsCode:
+    """A pickle that runs a shell command when loaded (what weights_only must refuse)."""
+
+    def __init__(self, marker: str) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        import os
+
+        return (os.system, (f"touch {self.marker}",))
+
+
 def test_bad_search_params_and_checkpoints_are_one_line(quick_demo, tmp_path, capsys):
     """On the quick demo's database and run: faiss parameters the index lacks; checkpoints that are empty,
     truncated, another file's, or hold weights of other shapes."""
@@ -219,6 +231,7 @@ def test_bad_search_params_and_checkpoints_are_one_line(quick_demo, tmp_path, ca
     (tmp_path / "empty.pt").write_bytes(b"")
     (tmp_path / "truncated.pt").write_bytes(pathlib.Path(state).read_bytes()[:50_000])
     torch.save({"weights": torch.zeros(3)}, tmp_path / "other.pt")
+    torch.save({"model": RunsCode(str(tmp_path / "pwned"))}, tmp_path / "evil.pt")
     name = next(k for k, v in good["ema"].items() if v.ndim == 2)
     good["ema"][name] = torch.zeros(3, 3)
     torch.save(good, tmp_path / "shape.pt")
@@ -226,6 +239,7 @@ def test_bad_search_params_and_checkpoints_are_one_line(quick_demo, tmp_path, ca
         ("empty.pt", "cannot be read"),
         ("truncated.pt", "cannot be read"),
         ("other.pt", "is not a kNN-Diffusion training state"),
+        ("evil.pt", "cannot be read"),
         (
             "shape.pt",
             f"the EMA weights do not fit the network its config describes (1 problems, first: size mismatch for {name}",
@@ -243,3 +257,4 @@ def test_bad_search_params_and_checkpoints_are_one_line(quick_demo, tmp_path, ca
         assert main([*sample, "--prompt", "a red circle"]) == 2
         line = one_error_line(capsys)
         assert f"checkpoint {tmp_path / ckpt}" in line and message in line, line
+    assert not (tmp_path / "pwned").exists()  # the pickle's code never ran

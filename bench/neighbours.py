@@ -135,9 +135,9 @@ def main(argv: list[str] | None = None) -> dict:
     import faiss
 
     from pipelines.index import IndexConfig, build
-    from pipelines.neighbours import NeighboursConfig, compute, read_table, select_neighbours
-    from pipelines.ray_env import init_ray
-    from retrieval.database import Database
+    from pipelines.neighbours import NeighboursConfig, compute, select_neighbours
+    from retrieval.database import Database, read_neighbour_table
+    from retrieval.ray_env import init_ray
 
     args = parse_args(argv)
     path = make_db(args)
@@ -162,7 +162,7 @@ def main(argv: list[str] | None = None) -> dict:
         t = time.time()
         summary = compute(config)
         ours_s = time.time() - t
-    table = read_table(out)
+    table = read_neighbour_table(out)
 
     db = Database.open(path)
     rng = np.random.default_rng(0)

@@ -179,7 +179,7 @@ def bare_loop(config, windows: int, checkpoint_dir: str, source: str) -> tuple[l
 def main(argv: list[str] | None = None) -> dict:
     from diffusion.config import TrainConfig, model_config
     from diffusion.train import read_metrics, train
-    from pipelines.ray_env import init_ray
+    from retrieval.ray_env import init_ray
 
     args = parse_args(argv)
     mc = model_config(args.preset, cond_dim=384)

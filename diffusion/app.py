@@ -321,7 +321,7 @@ def run_app(config: AppConfig, blocking: bool = True) -> str:
     until interrupted (the CLI); otherwise return once the app is ready (tests, notebooks)."""
     from ray import serve
 
-    from pipelines.ray_env import init_ray
+    from retrieval.ray_env import init_ray
 
     config.check()
     init_ray(None)

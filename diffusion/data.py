@@ -93,7 +93,7 @@ def decode_image(data: bytes, size: int) -> np.ndarray:
 
 def load_part(batch: dict[str, np.ndarray], db: str, image_size: int, k: int) -> dict[str, np.ndarray]:
     """Ray Data map_batches function (batch of one work item) -> the part's training rows."""
-    from pipelines.neighbours import read_table
+    from retrieval.database import read_neighbour_table
 
     item = {key: str(batch[key][0]) for key in ("tar", "emb", "meta", "neighbours")}
     epoch = int(batch["epoch"][0]) if "epoch" in batch else 0
@@ -105,7 +105,7 @@ def load_part(batch: dict[str, np.ndarray], db: str, image_size: int, k: int) ->
                 images[int(name.rsplit("/", 1)[-1].split(".")[0])] = tar.extractfile(member).read()  # type: ignore[union-attr]
     ids = pq.read_table(item["meta"], columns=["image_id"])["image_id"].to_numpy()
     emb = np.load(item["emb"])
-    table = read_table(item["neighbours"])
+    table = read_neighbour_table(item["neighbours"])
     if not np.array_equal(table["image_id"], ids):
         raise ValueError(
             f"{item['neighbours']} is not row for row with {item['meta']}; recompute the neighbours"

@@ -25,7 +25,7 @@ import fsspec
 import torch
 
 from diffusion.config import TrainConfig
-from pipelines.atomic import atomic_write_bytes
+from retrieval.storage import atomic_write_bytes
 
 log = logging.getLogger(__name__)
 STATE_FILE = "state.pt"
@@ -322,7 +322,7 @@ def train(config: TrainConfig, ray_address: str | None = None) -> dict[str, Any]
     from ray.train.torch import TorchTrainer
 
     from diffusion.data import make_dataset, part_items
-    from pipelines.ray_env import init_ray
+    from retrieval.ray_env import init_ray
 
     start = time.time()
     # check the inputs (files, dimensions, k) before anything is written or started
@@ -346,7 +346,7 @@ def train(config: TrainConfig, ray_address: str | None = None) -> dict[str, Any]
     if config.torch_threads is None and config.cpus_per_worker is not None:
         config.torch_threads = max(1, math.ceil(config.cpus_per_worker))  # the share the user gave it
     if config.cpus_per_worker is None:
-        from pipelines.ray_env import node_cpus
+        from retrieval.ray_env import node_cpus
 
         cpus = node_cpus()
         share = min(cpus) / -(-config.num_workers // len(cpus))  # per worker, on the most loaded node

@@ -26,8 +26,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from tqdm import tqdm
 
-from pipelines.atomic import atomic_write_bytes
 from pipelines.index import IndexConfig
+from retrieval.storage import atomic_write_bytes
 
 log = logging.getLogger(__name__)
 
@@ -338,9 +338,9 @@ def subindex(config: SubindexConfig, ray_address: str | None = None) -> dict[str
     """One faiss index per aesthetic band (ids map back to global image ids) + bands.json + catalogue entry."""
     import ray
 
-    from pipelines.ray_env import init_ray
     from retrieval import catalogue
     from retrieval.database import Database
+    from retrieval.ray_env import init_ray
 
     start = time.time()
     database = Database.open(config.db)
@@ -359,7 +359,7 @@ def subindex(config: SubindexConfig, ray_address: str | None = None) -> dict[str
         index_key=config.index_key,
     )
     init_ray(ray_address)
-    from pipelines.ray_env import node_cpus
+    from retrieval.ray_env import node_cpus
 
     cores = max(node_cpus())  # each band is one task: it must fit on one node
     task = ray.remote(num_cpus=cores)(_build_band)

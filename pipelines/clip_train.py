@@ -33,7 +33,7 @@ from typing import Any
 
 import numpy as np
 
-from pipelines.atomic import atomic_write_bytes
+from retrieval.storage import atomic_write_bytes
 
 log = logging.getLogger(__name__)
 
@@ -596,7 +596,7 @@ def fit_clip(config: ClipTrainConfig, ray_address: str | None = None) -> ClipTra
     """
     import ray
 
-    from pipelines.ray_env import init_ray
+    from retrieval.ray_env import init_ray
 
     output = os.path.abspath(config.output)
     train, holdout = split_shards(list_done_shards(os.path.abspath(config.shards)), config.holdout_fraction)

@@ -40,8 +40,8 @@ from img2dataset.writer import WebDatasetSampleWriter
 from PIL import Image
 from tqdm.auto import tqdm
 
-from pipelines.atomic import atomic_write_bytes
-from pipelines.safe_fetch import DEFAULT_MAX_BYTES, FetchPolicy, use_opener
+from retrieval.safe_fetch import DEFAULT_MAX_BYTES, FetchPolicy, use_opener
+from retrieval.storage import atomic_write_bytes
 
 log = logging.getLogger(__name__)
 
@@ -398,7 +398,7 @@ def download(config: DownloadConfig, ray_address: str | None = None) -> Download
     """Run the download stage on Ray; returns (and logs) the counts by status over the whole output."""
     import ray
 
-    from pipelines.ray_env import init_ray
+    from retrieval.ray_env import init_ray
 
     start = time.time()
     caption_col, extra_cols = resolve_columns(config)

@@ -32,8 +32,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from tqdm.auto import tqdm
 
-from pipelines.atomic import atomic_write_bytes
 from retrieval.clip_model import PRECISIONS, ClipSpec
+from retrieval.storage import atomic_write_bytes
 
 log = logging.getLogger(__name__)
 
@@ -236,7 +236,7 @@ def embed(config: EmbedConfig, ray_address: str | None = None) -> EmbedSummary:
     """Run the embed stage on Ray; returns (and prints) a summary over the whole database."""
     import ray
 
-    from pipelines.ray_env import init_ray
+    from retrieval.ray_env import init_ray
 
     start = time.time()
     shards = finished_shards(config.shards)

@@ -102,7 +102,7 @@ def build(config: IndexConfig, ray_address: str | None = None) -> dict[str, Any]
     """Build the index of a database on a Ray worker; returns autofaiss's index infos."""
     import ray
 
-    from pipelines.ray_env import init_ray
+    from retrieval.ray_env import init_ray
 
     fs, root = fsspec.core.url_to_fs(config.db)
     if not fs.exists(f"{root}/database.json"):
@@ -113,7 +113,7 @@ def build(config: IndexConfig, ray_address: str | None = None) -> dict[str, Any]
         raise ValueError(f"--db {config.db} has no text embeddings (no captions were embedded)")
     start = time.time()
     init_ray(ray_address)
-    from pipelines.ray_env import node_cpus
+    from retrieval.ray_env import node_cpus
 
     cpus = max(node_cpus())  # one task: it must fit on one node
     cores = min(config.nb_cores or cpus, cpus)

@@ -25,7 +25,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from tqdm import tqdm
 
-from pipelines.atomic import atomic_write_bytes
+from retrieval.storage import atomic_write_bytes
 
 
 @dataclasses.dataclass
@@ -205,25 +205,6 @@ class NeighbourSearcher:
         }
 
 
-def read_table(path: str) -> dict[str, np.ndarray]:
-    """A neighbours folder (or one shard) -> image_id [N], neighbour_ids [N, k], neighbour_scores [N, k]
-    (+ neighbour_emb [N, k, D] float16 when stored)."""
-    files = sorted(glob.glob(os.path.join(path, "neighbours_*.parquet"))) if os.path.isdir(path) else [path]
-    if not files:
-        raise FileNotFoundError(f"{path} holds no neighbours_*.parquet; run `knn-diffusion neighbours` first")
-    table = pa.concat_tables([pq.read_table(f) for f in files])
-    n = len(table)
-    out = {"image_id": table["image_id"].to_numpy()}
-    for name in ("neighbour_ids", "neighbour_scores"):
-        col = table[name].combine_chunks()
-        out[name] = col.flatten().to_numpy().reshape(n, col.type.list_size)
-    if "neighbour_emb" in table.column_names:
-        col = table["neighbour_emb"].combine_chunks()
-        k, dim = col.type.list_size, col.type.value_type.list_size
-        out["neighbour_emb"] = col.flatten().flatten().to_numpy(zero_copy_only=False).reshape(n, k, dim)
-    return out
-
-
 def _parts(db: str) -> list[str]:
     files = sorted(glob.glob(os.path.join(db, "img_emb", "img_emb_*.npy")))
     if not files:
@@ -235,8 +216,8 @@ def compute(config: NeighboursConfig, ray_address: str | None = None) -> dict[st
     """Write the neighbour table of every image of config.db; returns a summary."""
     import ray
 
-    from pipelines.ray_env import init_ray
     from retrieval.database import Database
+    from retrieval.ray_env import init_ray
 
     start = time.time()
     output = config.output or ""
@@ -264,7 +245,7 @@ def compute(config: NeighboursConfig, ray_address: str | None = None) -> dict[st
     parts = _parts(config.db)
     todo = [p for p in parts if not fs.exists(f"{root}/neighbours_{p}.parquet")]
     init_ray(ray_address)
-    from pipelines.ray_env import node_cpus
+    from retrieval.ray_env import node_cpus
 
     cpus_per_node = node_cpus()
     if config.num_actors:  # as many as asked, each with an equal share that fits on the smallest node

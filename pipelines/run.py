@@ -40,7 +40,7 @@ from typing import Any, TypeVar
 import fsspec
 import yaml
 
-from pipelines.atomic import atomic_write_bytes
+from retrieval.storage import atomic_write_bytes
 
 log = logging.getLogger(__name__)
 
@@ -96,7 +96,7 @@ class DataSettings:
     allow_private_network: bool = False
 
     def __post_init__(self) -> None:
-        from pipelines.safe_fetch import FetchPolicy
+        from retrieval.safe_fetch import FetchPolicy
 
         FetchPolicy(allowed_networks=tuple(self.allow_network))  # a bad CIDR fails now
         if self.source not in ("procedural", "url_list"):
@@ -455,7 +455,7 @@ class Pipeline:
     # -------------------------------------------------------------------------------------------- the run
 
     def run(self) -> dict[str, Any]:
-        from pipelines.ray_env import init_ray
+        from retrieval.ray_env import init_ray
 
         start = time.time()
         c = self.config

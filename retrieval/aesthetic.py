@@ -185,8 +185,8 @@ def fetch_published(
     if not os.path.exists(path):
         import fsspec
 
-        from pipelines.atomic import atomic_write_bytes
-        from pipelines.safe_fetch import FetchPolicy, guarded_opener
+        from retrieval.safe_fetch import FetchPolicy, guarded_opener
+        from retrieval.storage import atomic_write_bytes
 
         policy = FetchPolicy(max_bytes=MAX_HEAD_BYTES, allowed_networks=allow_network)
         try:

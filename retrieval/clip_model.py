@@ -207,7 +207,7 @@ class Int8ImageTower:
             if cached:  # export + quantisation take ~10 s for ViT-B/32; every later actor reads the file
                 import fsspec
 
-                from pipelines.atomic import atomic_write_bytes  # as retrieval/aesthetic.py's head cache
+                from retrieval.storage import atomic_write_bytes  # as retrieval/aesthetic.py's head cache
 
                 atomic_write_bytes(fsspec.filesystem("file"), cached, model)
         options = ort.SessionOptions()

@@ -263,3 +263,22 @@ class Database:
     def metadata(self, image_ids: np.ndarray) -> pd.DataFrame:
         """Metadata rows (url, caption, ...) of the given ids, in the given order."""
         return self._metadata.iloc[self.rows_of(image_ids)].reset_index(drop=True)
+
+
+def read_neighbour_table(path: str) -> dict[str, np.ndarray]:
+    """A neighbours folder (or one shard) -> image_id [N], neighbour_ids [N, k], neighbour_scores [N, k]
+    (+ neighbour_emb [N, k, D] float16 when stored)."""
+    files = sorted(glob.glob(os.path.join(path, "neighbours_*.parquet"))) if os.path.isdir(path) else [path]
+    if not files:
+        raise FileNotFoundError(f"{path} holds no neighbours_*.parquet; run `knn-diffusion neighbours` first")
+    table = pa.concat_tables([pq.read_table(f) for f in files])
+    n = len(table)
+    out = {"image_id": table["image_id"].to_numpy()}
+    for name in ("neighbour_ids", "neighbour_scores"):
+        col = table[name].combine_chunks()
+        out[name] = col.flatten().to_numpy().reshape(n, col.type.list_size)
+    if "neighbour_emb" in table.column_names:
+        col = table["neighbour_emb"].combine_chunks()
+        k, dim = col.type.list_size, col.type.value_type.list_size
+        out["neighbour_emb"] = col.flatten().flatten().to_numpy(zero_copy_only=False).reshape(n, k, dim)
+    return out

@@ -134,8 +134,8 @@ class RemoteDatabase:
 
         from PIL import Image
 
-        from pipelines.safe_fetch import FetchPolicy, guarded_opener
         from retrieval.clip_model import cached_encoder
+        from retrieval.safe_fetch import FetchPolicy, guarded_opener
 
         encoder = cached_encoder(self.info["clip_model"])
         opener = guarded_opener(

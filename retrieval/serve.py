@@ -143,7 +143,7 @@ def make_app(config: ServeConfig, resources: dict[str, Any] | None = None) -> An
     from flask_restful import Api
     from PIL import Image
 
-    from pipelines.safe_fetch import FetchPolicy, guarded_opener
+    from retrieval.safe_fetch import FetchPolicy, guarded_opener
 
     resources = resources or {config.name: _clip_resource(config.db, DEFAULT_COLUMNS)}
     opener = guarded_opener(

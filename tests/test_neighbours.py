@@ -10,8 +10,8 @@ import pytest
 
 from bench.synthetic import clustered_vectors, write_synthetic_db
 from pipelines.index import IndexConfig, build
-from pipelines.neighbours import NeighboursConfig, compute, read_table, select_neighbours
-from retrieval.database import Database
+from pipelines.neighbours import NeighboursConfig, compute, select_neighbours
+from retrieval.database import Database, read_neighbour_table
 
 NUM = 20_000
 K = 10
@@ -39,7 +39,7 @@ def test_recall_against_exact_search_and_self_excluded(ivf_db, tmp_path):
     path, emb, ids = ivf_db
     out = str(tmp_path / "nb")
     summary = compute(NeighboursConfig(db=path, output=out, k=K, search_params="nprobe=16"))
-    table = read_table(out)
+    table = read_neighbour_table(out)
     assert summary["num_images"] == NUM and np.array_equal(table["image_id"], ids)
     got = table["neighbour_ids"]
     assert got.shape == (NUM, K)
@@ -68,7 +68,7 @@ def test_rerun_skips_finished_shards_and_refuses_other_settings(ivf_db, tmp_path
     again = compute(config)
     assert (again["parts_written"], again["parts_skipped"]) == (1, 3)
     assert os.path.getmtime(os.path.join(out, "neighbours_00000.parquet")) == mtime
-    assert len(read_table(out)["image_id"]) == NUM
+    assert len(read_neighbour_table(out)["image_id"]) == NUM
     with pytest.raises(ValueError, match="other settings"):
         compute(NeighboursConfig(db=path, output=out, k=5))
     index_path = os.path.join(path, "image.index")  # a rebuilt index must not be mixed into the old table
@@ -88,7 +88,7 @@ def test_inline_embeddings_and_band_source(ivf_db, tmp_path):
     path, emb, ids = ivf_db
     out = str(tmp_path / "nb")
     compute(NeighboursConfig(db=path, output=out, k=4, store_embeddings=True))
-    table = read_table(out)
+    table = read_neighbour_table(out)
     assert table["neighbour_emb"].dtype == np.float16 and table["neighbour_emb"].shape == (NUM, 4, 64)
     rows = np.array([0, 777, NUM - 1])
     want = Database.open(path).embeddings(table["neighbour_ids"][rows].ravel()).reshape(3, 4, 64)
@@ -106,7 +106,7 @@ def test_inline_embeddings_and_band_source(ivf_db, tmp_path):
             {"head": "x", "bands": [{"name": "even", "lower": 0, "upper": 1, "count": len(band_ids)}]}, f
         )
     summary = compute(NeighboursConfig(db=path, index="even", k=K))
-    table = read_table(os.path.join(path, "neighbours_even"))
+    table = read_neighbour_table(os.path.join(path, "neighbours_even"))
     assert np.isin(table["neighbour_ids"], band_ids).all()
     assert summary["num_short"] == 0
     assert not (table["neighbour_ids"] == ids[:, None]).any()

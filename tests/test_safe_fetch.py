@@ -7,7 +7,7 @@ import urllib.request
 
 import pytest
 
-from pipelines.safe_fetch import (
+from retrieval.safe_fetch import (
     FetchPolicy,
     RefusedURLError,
     address_allowed,
@@ -149,7 +149,7 @@ def test_slow_drip_hits_the_deadline(image_server):
 
 
 def test_use_opener_restores_previous():
-    from pipelines.safe_fetch import use_opener
+    from retrieval.safe_fetch import use_opener
 
     before = urllib.request._opener
     with use_opener(FetchPolicy()) as opener:

@@ -38,6 +38,7 @@ def main(argv: list[str] | None = None) -> dict:
     from diffusion.train import train
     from pipelines.neighbours import NeighboursConfig, compute
     from pipelines.run import PipelineConfig, from_dict, procedural_attributes
+    from retrieval.database import DatabaseInfo
 
     args = parse_args(argv)
     ks = [int(k) for k in args.ks.split(",")]
@@ -49,8 +50,7 @@ def main(argv: list[str] | None = None) -> dict:
     db = os.path.abspath(os.path.join(args.demo, "db", "main"))
     neighbours = os.path.join(out, "neighbours")
     compute(NeighboursConfig(db=db, output=neighbours, k=max(max(ks), 1)), ray_address=config.ray_address)
-    with open(os.path.join(db, "database.json")) as f:
-        dim = int(json.load(f)["dim"])
+    dim = DatabaseInfo.read(db).dim
     g = config.generator
     training = {
         k: v for k, v in dataclasses.asdict(g).items() if k not in ("preset", "model", "compare_no_knn")

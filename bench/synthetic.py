@@ -23,10 +23,11 @@ def write_synthetic_db(
     path: str, emb: np.ndarray, num_parts: int = 4, clip_model: str = "synthetic"
 ) -> np.ndarray:
     """A database folder in the embed stage's layout holding `emb`; returns the image ids (sparse, sorted)."""
-    import json
     import os
 
     import pandas as pd
+
+    from retrieval.database import DatabaseInfo
 
     ids = np.arange(len(emb), dtype=np.int64) * 3 + 7  # sparse on purpose: ids are not row numbers
     for sub in ("img_emb", "metadata", "_parts"):
@@ -36,13 +37,7 @@ def write_synthetic_db(
         pd.DataFrame({"image_id": ids[rows]}).to_parquet(
             os.path.join(path, "metadata", f"metadata_{part:05d}.parquet")
         )
-    info = {
-        "clip_model": clip_model,
-        "dim": emb.shape[1],
-        "num_images": len(emb),
-        "num_parts": num_parts,
-        "has_text": False,
-    }
-    with open(os.path.join(path, "database.json"), "w") as f:
-        json.dump(info, f)
+    DatabaseInfo(clip_model=clip_model, dim=emb.shape[1], num_images=len(emb), num_parts=num_parts).write(
+        path
+    )
     return ids

@@ -123,7 +123,7 @@ class GenerationService:
                     "remote one fetches images from URLs on a request's behalf)"
                 )
             self.databases[name] = db
-        clip = {db.info["clip_model"] for db in self.databases.values()}
+        clip = {db.info.clip_model for db in self.databases.values()}
         if len(clip) != 1:
             raise ValueError(f"--database: the databases are embedded by different CLIPs {sorted(clip)}")
         self.encoder = ClipEncoder(clip.pop(), device="cpu", precision="fp32")

@@ -13,7 +13,6 @@ import functools
 import io
 import json
 import os
-import tarfile
 import zlib
 from typing import Any
 
@@ -26,15 +25,14 @@ from diffusion.config import TrainConfig
 
 def part_items(config: TrainConfig) -> list[dict[str, str]]:
     """One work item per database part, with the paths of its shard, embeddings, metadata and neighbours."""
-    info_path = os.path.join(config.db, "database.json")
-    if not os.path.exists(info_path):
-        raise FileNotFoundError(f"--db {config.db} has no database.json; run `knn-diffusion embed` first")
-    with open(info_path) as f:
-        info = json.load(f)
-    if int(info["dim"]) != config.model.cond_dim:
+    from retrieval.database import DatabaseInfo
+    from retrieval.storage import list_parts
+
+    info = DatabaseInfo.read(config.db)
+    if info.dim != config.model.cond_dim:
         raise ValueError(
-            f"--db {config.db} holds {info['dim']}-d embeddings ({info['clip_model']}) but the model's cond_dim is "
-            f"{config.model.cond_dim}; set model: cond_dim: {info['dim']} in --config"
+            f"--db {config.db} holds {info.dim}-d embeddings ({info.clip_model}) but the model's cond_dim is "
+            f"{config.model.cond_dim}; set model: cond_dim: {info.dim} in --config"
         )
     nb_settings = os.path.join(config.neighbours, "neighbours.json")
     if os.path.exists(nb_settings):
@@ -45,11 +43,11 @@ def part_items(config: TrainConfig) -> list[dict[str, str]]:
                 f"--neighbours {config.neighbours} holds k={table_k} neighbours per image but the model needs "
                 f"k={config.model.k}; recompute with `knn-diffusion neighbours --k {config.model.k}` or lower model: k"
             )
-    shards = config.shards or info.get("shards")
+    shards = config.shards or info.shards
     if not shards:
         raise ValueError(f"--db {config.db} does not record its shards; pass --shards")
     emb_dir = os.path.join(config.db, "img_emb")
-    parts = sorted(f[len("img_emb_") : -len(".npy")] for f in os.listdir(emb_dir) if f.endswith(".npy"))
+    parts = list_parts(emb_dir, "img_emb_", ".npy")
     unknown = sorted(set(config.exclude_parts) - set(parts))
     if unknown:
         raise ValueError(f"exclude_parts {unknown} are not parts of --db {config.db} (its parts: {parts})")
@@ -94,15 +92,16 @@ def decode_image(data: bytes, size: int) -> np.ndarray:
 def load_part(batch: dict[str, np.ndarray], db: str, image_size: int, k: int) -> dict[str, np.ndarray]:
     """Ray Data map_batches function (batch of one work item) -> the part's training rows."""
     from retrieval.database import read_neighbour_table
+    from retrieval.storage import IMAGE_EXTENSIONS, tar_samples
 
     item = {key: str(batch[key][0]) for key in ("tar", "emb", "meta", "neighbours")}
     epoch = int(batch["epoch"][0]) if "epoch" in batch else 0
     images: dict[int, bytes] = {}
-    with fsspec.open(item["tar"], "rb") as f, tarfile.open(fileobj=f, mode="r|") as tar:
-        for member in tar:
-            name = member.name
-            if member.isfile() and name.endswith((".jpg", ".jpeg", ".png", ".webp")):
-                images[int(name.rsplit("/", 1)[-1].split(".")[0])] = tar.extractfile(member).read()  # type: ignore[union-attr]
+    with fsspec.open(item["tar"], "rb") as f:
+        for key, sample in tar_samples(f, item["tar"]):
+            ext = next((e for e in IMAGE_EXTENSIONS if e in sample), None)
+            if ext:
+                images[int(key)] = sample[ext]
     ids = pq.read_table(item["meta"], columns=["image_id"])["image_id"].to_numpy()
     emb = np.load(item["emb"])
     table = read_neighbour_table(item["neighbours"])

@@ -195,7 +195,7 @@ def evaluate(config: EvaluateConfig, attributes: AttributeSpec | None = None) ->
     rng = np.random.default_rng(config.seed)
     pick = np.sort(rng.permutation(len(captions))[: config.num_prompts])
     prompts = [captions[i] for i in pick]
-    eval_clip = config.eval_clip_model or db.info["clip_model"]
+    eval_clip = config.eval_clip_model or db.info.clip_model
     encoder = cached_encoder(eval_clip)
     features = ImageFeatures(encoder)
     classifier, classifier_meta = (None, None)
@@ -259,7 +259,7 @@ def evaluate(config: EvaluateConfig, attributes: AttributeSpec | None = None) ->
         "num_prompts": len(prompts),
         "num_real": len(real),
         "eval_clip_model": eval_clip,
-        "conditioning_clip_model": db.info["clip_model"],
+        "conditioning_clip_model": db.info.clip_model,
         "sampler": config.sampler,
         "steps": config.steps,
         "guidance": config.guidance,
@@ -282,7 +282,7 @@ def db_encoder_texts(db: Any, texts: list[str]) -> np.ndarray:
     """[N, D] text embeddings of the database's own CLIP (what conditions the generators)."""
     from retrieval.clip_model import cached_encoder
 
-    return cached_encoder(db.info["clip_model"]).encode_texts(texts).numpy()
+    return cached_encoder(db.info.clip_model).encode_texts(texts).numpy()
 
 
 def format_table(record: dict[str, Any]) -> str:

@@ -92,7 +92,7 @@ def retrieval_condition(
     mc = config.model
     if query.shape[1] != mc.cond_dim:
         raise ValueError(
-            f"the database embeds with {db.info['clip_model']} ({query.shape[1]}-d) but the model was trained on "
+            f"the database embeds with {db.info.clip_model} ({query.shape[1]}-d) but the model was trained on "
             f"{mc.cond_dim}-d embeddings; use a database embedded with the training CLIP"
         )
     cond: dict[str, torch.Tensor] = {"query": torch.from_numpy(np.ascontiguousarray(query, np.float32))}
@@ -207,7 +207,7 @@ def sample(config: SampleConfig) -> dict[str, Any]:
             f"--k {config.k}: the model was trained with k={mc.k} neighbours; pass --k {mc.k} or omit it"
         )
     db = open_database(config.database, catalogue=config.catalogue)
-    query = cached_encoder(db.info["clip_model"]).encode_texts(prompts).numpy()
+    query = cached_encoder(db.info.clip_model).encode_texts(prompts).numpy()
     cond, found = retrieval_condition(db, query, train_config, band=config.band)
     n = config.num_per_prompt
     cond = {k: v.repeat_interleave(n, dim=0) for k, v in cond.items()}

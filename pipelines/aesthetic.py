@@ -9,7 +9,6 @@ The score parquet sits beside metadata/, one per part, row for row; the embeddin
 from __future__ import annotations
 
 import dataclasses
-import glob
 import io
 import json
 import logging
@@ -27,17 +26,10 @@ import pyarrow.parquet as pq
 from tqdm import tqdm
 
 from pipelines.index import IndexConfig
-from retrieval.storage import atomic_write_bytes
+from retrieval.database import DatabaseInfo
+from retrieval.storage import atomic_write_bytes, list_parts
 
 log = logging.getLogger(__name__)
-
-
-def _read_info(db: str) -> dict[str, Any]:
-    path = os.path.join(db, "database.json")
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"--db {db} has no database.json; run `knn-diffusion embed` first")
-    with open(path) as f:
-        return json.load(f)
 
 
 # ---------------------------------------------------------------------------------------------- score
@@ -63,9 +55,9 @@ def score(config: ScoreConfig) -> dict[str, Any]:
     from retrieval.aesthetic import load_head
 
     start = time.time()
-    info = _read_info(config.db)
-    head = load_head(config.head, info["clip_model"], config.head_dir)
-    head.check_model(info["clip_model"], int(info["dim"]), config.allow_other_weights)
+    info = DatabaseInfo.read(config.db)
+    head = load_head(config.head, info.clip_model, config.head_dir)
+    head.check_model(info.clip_model, info.dim, config.allow_other_weights)
     fs = fsspec.filesystem("file")
     out = os.path.join(config.db, "aesthetic")
     head_json = os.path.join(out, "head.json")
@@ -86,12 +78,12 @@ def score(config: ScoreConfig) -> dict[str, Any]:
             os.remove(bands_json)
     os.makedirs(out, exist_ok=True)
     atomic_write_bytes(fs, head_json, json.dumps(record).encode())
-    parts = sorted(glob.glob(os.path.join(config.db, "img_emb", "img_emb_*.npy")))
+    parts = list_parts(os.path.join(config.db, "img_emb"), "img_emb_", ".npy")
     if not parts:
         raise FileNotFoundError(f"--db {config.db} has no img_emb/*.npy; run `knn-diffusion embed` first")
     all_scores, skipped = [], 0
-    for emb_path in tqdm(parts, desc="aesthetic score", unit="part"):
-        part = os.path.basename(emb_path)[len("img_emb_") : -len(".npy")]
+    for part in tqdm(parts, desc="aesthetic score", unit="part"):
+        emb_path = os.path.join(config.db, "img_emb", f"img_emb_{part}.npy")
         target = os.path.join(out, f"aesthetic_{part}.parquet")
         if os.path.exists(target):
             all_scores.append(pq.read_table(target, columns=["aesthetic"])["aesthetic"].to_numpy())
@@ -175,7 +167,7 @@ def _ratings_and_embeddings(config: FitConfig) -> tuple[np.ndarray, np.ndarray, 
         )
     if "embedding" in df.columns:
         emb = np.stack(df["embedding"].to_numpy()).astype(np.float32)
-        clip_model = config.clip_model or _read_info(config.db)["clip_model"]  # type: ignore[arg-type]
+        clip_model = config.clip_model or DatabaseInfo.read(config.db).clip_model  # type: ignore[arg-type]
     elif "image_id" in df.columns and config.db:
         from retrieval.database import Database
 
@@ -184,7 +176,7 @@ def _ratings_and_embeddings(config: FitConfig) -> tuple[np.ndarray, np.ndarray, 
             emb = database.embeddings(df["image_id"].to_numpy())
         except KeyError as err:
             raise ValueError(f"--ratings {config.ratings}: {err.args[0]}") from err
-        clip_model = database.info["clip_model"]
+        clip_model = database.info.clip_model
     else:
         raise ValueError(
             f"--ratings {config.ratings} needs an 'embedding' column, or an 'image_id' column together with --db"

@@ -25,7 +25,6 @@ import math
 import os
 import random
 import re
-import tarfile
 import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -657,16 +656,14 @@ def read_pairs(shards: Sequence[str]) -> Iterator[tuple[str, bytes, str]]:
     """(key, image bytes, caption) of every sample with an image and a caption in the webdataset tars, in order."""
     import fsspec
 
+    from retrieval.storage import tar_samples
+
     for shard in shards:
-        samples: dict[str, dict[str, bytes]] = {}
-        with fsspec.open(shard, "rb") as f, tarfile.open(fileobj=f, mode="r|*") as tar:
-            for member in tar:
-                if not member.isfile():
-                    continue
-                key, _, ext = member.name.rpartition(".")
-                data = tar.extractfile(member)
-                if key and data is not None:
-                    samples.setdefault(key, {})[ext.lower()] = data.read()
+        with fsspec.open(shard, "rb") as f:
+            samples = {
+                key: {ext.lower(): data for ext, data in sample.items()}
+                for key, sample in tar_samples(f, shard)
+            }
         for key in sorted(samples):
             image = next((samples[key][e] for e in IMAGE_EXTENSIONS if e in samples[key]), None)
             if image is not None and "txt" in samples[key]:

@@ -33,6 +33,7 @@ import pyarrow.parquet as pq
 from tqdm.auto import tqdm
 
 from retrieval.clip_model import PRECISIONS, ClipSpec
+from retrieval.database import DatabaseInfo
 from retrieval.storage import atomic_write_bytes
 
 log = logging.getLogger(__name__)
@@ -311,15 +312,14 @@ def finalize(config: EmbedConfig, num_skipped: int, seconds: float, num_new: int
         num_images += marker["num_images"]
         num_failed += marker["num_failed"]
         dim = marker["dim"] or dim
-    info = {
-        "clip_model": config.clip_model,
-        "dim": dim,
-        "num_images": num_images,
-        "num_parts": len(parts),
-        "has_text": bool(fs.glob(f"{root}/text_emb/*.npy")),
-        "shards": config.shards,
-    }
-    atomic_write_bytes(fs, f"{root}/database.json", json.dumps(info, indent=2).encode())
+    DatabaseInfo(
+        clip_model=config.clip_model,
+        dim=dim,
+        num_images=num_images,
+        num_parts=len(parts),
+        has_text=bool(fs.glob(f"{root}/text_emb/*.npy")),
+        shards=config.shards,
+    ).write(config.output)
     return EmbedSummary(
         len(parts), num_skipped, num_images, num_failed, dim, seconds, num_new / max(seconds, 1e-9)
     )

@@ -8,7 +8,6 @@ order, which is also the metadata row order, so retrieval maps rows to image ids
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import time
 from typing import Any
@@ -105,11 +104,10 @@ def build(config: IndexConfig, ray_address: str | None = None) -> dict[str, Any]
     from retrieval.ray_env import init_ray
 
     fs, root = fsspec.core.url_to_fs(config.db)
-    if not fs.exists(f"{root}/database.json"):
-        raise FileNotFoundError(f"--db {config.db} has no database.json; run `knn-diffusion embed` first")
-    with fs.open(f"{root}/database.json") as f:
-        info = json.load(f)
-    if config.modality == "text" and not info.get("has_text"):
+    from retrieval.database import DatabaseInfo
+
+    info = DatabaseInfo.read(config.db)
+    if config.modality == "text" and not info.has_text:
         raise ValueError(f"--db {config.db} has no text embeddings (no captions were embedded)")
     start = time.time()
     init_ray(ray_address)

@@ -12,7 +12,6 @@ is written under a temporary name and renamed, so a rerun skips exactly the fini
 from __future__ import annotations
 
 import dataclasses
-import glob
 import io
 import json
 import os
@@ -25,7 +24,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from tqdm import tqdm
 
-from retrieval.storage import atomic_write_bytes
+from retrieval.storage import atomic_write_bytes, list_parts
 
 
 @dataclasses.dataclass
@@ -206,10 +205,10 @@ class NeighbourSearcher:
 
 
 def _parts(db: str) -> list[str]:
-    files = sorted(glob.glob(os.path.join(db, "img_emb", "img_emb_*.npy")))
-    if not files:
+    parts = list_parts(os.path.join(db, "img_emb"), "img_emb_", ".npy")
+    if not parts:
         raise FileNotFoundError(f"--db {db} has no img_emb/*.npy; run `knn-diffusion embed` first")
-    return [os.path.basename(f)[len("img_emb_") : -len(".npy")] for f in files]
+    return parts
 
 
 def compute(config: NeighboursConfig, ray_address: str | None = None) -> dict[str, Any]:

@@ -518,11 +518,14 @@ class Pipeline:
         return ["main", "ood"] if has_ood else ["main"]
 
     def num_images(self, db: str) -> int:
-        info = self.path("db", db, "database.json")
-        if not os.path.exists(info):
-            return 0
-        with open(info) as f:
-            return int(json.load(f)["num_images"])
+        from retrieval.database import DatabaseInfo
+
+        folder = self.path("db", db)
+        return (
+            DatabaseInfo.read(folder).num_images
+            if os.path.exists(os.path.join(folder, DatabaseInfo.FILE))
+            else 0
+        )
 
     def make_data(self) -> dict[str, Any]:
         """Procedural captioned images for each database (a user's URL lists need nothing made)."""
@@ -712,11 +715,12 @@ class Pipeline:
         from diffusion.config import model_config
 
         g = self.config.generator
-        info_path = self.path("db", "main", "database.json")
+        from retrieval.database import DatabaseInfo
+
+        folder = self.path("db", "main")
         overrides = dict(g.model)
-        if os.path.exists(info_path):
-            with open(info_path) as f:
-                overrides["cond_dim"] = int(json.load(f)["dim"])
+        if os.path.exists(os.path.join(folder, DatabaseInfo.FILE)):
+            overrides["cond_dim"] = DatabaseInfo.read(folder).dim
         return model_config(g.preset, **overrides)
 
     def neighbours(self, k: int) -> dict[str, Any]:

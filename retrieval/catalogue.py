@@ -69,14 +69,15 @@ def register(path: str, name: str, entry: dict[str, Any]) -> None:
 
 def local_entry(db: str) -> dict[str, Any]:
     """The catalogue entry of a local database folder, from its database.json and bands/bands.json."""
-    with open(os.path.join(db, "database.json")) as f:
-        info = json.load(f)
+    from retrieval.database import DatabaseInfo
+
+    info = DatabaseInfo.read(db)
     entry: dict[str, Any] = {
         "kind": "local",
         "path": os.path.abspath(db),
-        "clip_model": info["clip_model"],
-        "dim": info["dim"],
-        "num_images": info["num_images"],
+        "clip_model": info.clip_model,
+        "dim": info.dim,
+        "num_images": info.num_images,
     }
     bands_path = os.path.join(db, "bands", "bands.json")
     if os.path.exists(bands_path):

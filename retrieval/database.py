@@ -9,7 +9,6 @@ score lies in [lower, upper); search(..., band=...) uses it and still answers in
 from __future__ import annotations
 
 import dataclasses
-import glob
 import json
 import os
 from functools import cached_property
@@ -19,6 +18,90 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
+
+
+@dataclasses.dataclass(frozen=True)
+class DatabaseInfo:
+    """<db>/database.json, written by the embed stage when all its parts are done.
+
+    clip_model: the clip-retrieval name of the model that made the embeddings. dim: their width.
+    num_images, num_parts: totals. has_text: caption embeddings exist. shards: the image shards they came from.
+    On disk, paths (the shards, a checkpoint or config JSON inside clip_model) are stored relative to the
+    database folder where they can be, so a database moved or copied together with them still opens; read()
+    gives them back absolute.
+    """
+
+    clip_model: str
+    dim: int = 0
+    num_images: int = 0
+    num_parts: int = 0
+    has_text: bool = False
+    shards: str | None = None
+
+    FILE = "database.json"
+
+    @classmethod
+    def read(cls, db: str, flag: str = "--db") -> DatabaseInfo:
+        import fsspec
+
+        path = f"{db.rstrip('/')}/{cls.FILE}"
+        fs, local = fsspec.core.url_to_fs(path)
+        if not fs.exists(local):
+            raise FileNotFoundError(f"{flag} {db} has no {cls.FILE}; run `knn-diffusion embed` first")
+        with fs.open(local) as f:
+            try:
+                data = json.load(f)
+            except json.JSONDecodeError as err:
+                raise ValueError(
+                    f"{path} is not valid JSON ({err}); rerun `knn-diffusion embed` to rewrite it"
+                ) from err
+        known = {f.name for f in dataclasses.fields(cls)}
+        try:
+            info = cls(**{k: v for k, v in data.items() if k in known})
+        except TypeError as err:
+            raise ValueError(f"{path} is not a database description ({err})") from err
+        base = db if "://" in db else os.path.abspath(db)
+        return dataclasses.replace(
+            info,
+            clip_model=_clip_paths(info.clip_model, lambda p: _absolute(p, base)),
+            shards=_absolute(info.shards, base),
+        )
+
+    def write(self, db: str) -> None:
+        from retrieval.storage import json_bytes, write_atomic
+
+        base = db if "://" in db else os.path.abspath(db)
+        on_disk = dataclasses.replace(
+            self,
+            clip_model=_clip_paths(self.clip_model, lambda p: _relative(p, base)),
+            shards=_relative(self.shards, base),
+        )
+        write_atomic(os.path.join(db, self.FILE), json_bytes(dataclasses.asdict(on_disk)))
+
+
+def _relative(path: str | None, base: str) -> str | None:
+    if not path or "://" in path or not os.path.isabs(path) or "://" in base:
+        return path
+    return os.path.relpath(path, base)
+
+
+def _absolute(path: str | None, base: str) -> str | None:
+    if not path or "://" in path or os.path.isabs(path) or "://" in base:
+        return path
+    return os.path.normpath(os.path.join(base, path))
+
+
+def _clip_paths(name: str, convert) -> str:  # type: ignore[no-untyped-def]
+    """name with the local paths inside it (config JSON, checkpoint) passed through convert."""
+    from retrieval.clip_model import ClipSpec
+
+    try:
+        spec = ClipSpec.parse(name)
+    except ValueError:
+        return name
+    config = convert(spec.config) if spec.config.endswith(".json") else spec.config
+    weights = convert(spec.pretrained) if os.sep in spec.pretrained else spec.pretrained
+    return f"open_clip:{config}/{weights}"
 
 
 @dataclasses.dataclass
@@ -68,12 +151,12 @@ def normalize(queries: np.ndarray) -> np.ndarray:
 class Database:
     """A local database folder. Open with Database.open(path); see search() and search_text()."""
 
-    def __init__(self, path: str, index: faiss.Index, ids: np.ndarray, info: dict) -> None:
+    def __init__(self, path: str, index: faiss.Index, ids: np.ndarray, info: DatabaseInfo) -> None:
         self.path = path
         self.index = index
         self.ids = ids
         self.info = info
-        self.dim = int(info["dim"])
+        self.dim = info.dim
         self.mmap = True
         self.part_names: list[str] = []
         self.part_ends = np.zeros(0, np.int64)
@@ -82,20 +165,17 @@ class Database:
     @classmethod
     def open(cls, path: str, modality: str = "image", mmap: bool = True) -> Database:
         """Load <path>/<modality>.index (memory-mapped when possible) and the image id of every row."""
-        info_path = os.path.join(path, "database.json")
+        from retrieval.storage import list_parts
+
+        info = DatabaseInfo.read(path, "database")
         index_path = os.path.join(path, f"{modality}.index")
-        if not os.path.exists(info_path):
-            raise FileNotFoundError(
-                f"{path} is not a database (no database.json); run `knn-diffusion embed` first"
-            )
         if not os.path.exists(index_path):
             raise FileNotFoundError(
                 f"{index_path} does not exist; run `knn-diffusion index --db {path}` first"
             )
-        with open(info_path) as f:
-            info = json.load(f)
         index = read_index(index_path, mmap)
-        parts = sorted(glob.glob(os.path.join(path, "metadata", "*.parquet")))
+        names = list_parts(os.path.join(path, "metadata"), "metadata_", ".parquet")
+        parts = [os.path.join(path, "metadata", f"metadata_{name}.parquet") for name in names]
         part_ids = [pq.read_table(p, columns=["image_id"])["image_id"].to_numpy() for p in parts]
         ids = np.concatenate(part_ids)
         if len(ids) != index.ntotal:
@@ -105,7 +185,7 @@ class Database:
             )
         db = cls(path, index, ids.astype(np.int64), info)
         db.mmap = mmap
-        db.part_names = [os.path.basename(p)[len("metadata_") : -len(".parquet")] for p in parts]
+        db.part_names = names
         db.part_ends = np.cumsum([len(x) for x in part_ids])
         return db
 
@@ -170,7 +250,13 @@ class Database:
 
     @cached_property
     def _aesthetic(self) -> np.ndarray:
-        parts = sorted(glob.glob(os.path.join(self.path, "aesthetic", "aesthetic_*.parquet")))
+        from retrieval.storage import list_parts
+
+        folder = os.path.join(self.path, "aesthetic")
+        parts = [
+            os.path.join(folder, f"aesthetic_{p}.parquet")
+            for p in list_parts(folder, "aesthetic_", ".parquet")
+        ]
         if not parts:
             raise FileNotFoundError(
                 f"{self.path} has no aesthetic scores; run `knn-diffusion aesthetic score --db {self.path}`"
@@ -190,7 +276,7 @@ class Database:
         """Embed texts with the database's own CLIP model, then search()."""
         from retrieval.clip_model import cached_encoder
 
-        return self.search(cached_encoder(self.info["clip_model"]).encode_texts(texts).numpy(), k)
+        return self.search(cached_encoder(self.info.clip_model).encode_texts(texts).numpy(), k)
 
     def rows_of(self, image_ids: np.ndarray) -> np.ndarray:
         """Row positions of image ids (ids are sorted within and across parts)."""
@@ -207,8 +293,10 @@ class Database:
     @cached_property
     def _embedding_parts(self) -> list[np.ndarray]:
         """One memory map per img_emb part (never concatenated: that would read them all into memory)."""
-        parts = sorted(glob.glob(os.path.join(self.path, "img_emb", "*.npy")))
-        return [np.load(p, mmap_mode="r") for p in parts]
+        return [
+            np.load(os.path.join(self.path, "img_emb", f"img_emb_{name}.npy"), mmap_mode="r")
+            for name in self.part_names
+        ]
 
     def embeddings_at_rows(self, rows: np.ndarray) -> np.ndarray:
         """[n, D] float32 embeddings of faiss/metadata rows, gathered part by part from the memory maps."""
@@ -227,16 +315,16 @@ class Database:
 
     @cached_property
     def _metadata(self) -> pd.DataFrame:
-        parts = sorted(glob.glob(os.path.join(self.path, "metadata", "*.parquet")))
+        parts = [os.path.join(self.path, "metadata", f"metadata_{name}.parquet") for name in self.part_names]
         return pd.concat([pd.read_parquet(p) for p in parts], ignore_index=True)
 
     def images(self, image_ids: np.ndarray) -> dict[int, bytes]:
         """The encoded images (as downloaded into the shards) of the given ids, read from the shards' tars."""
-        import tarfile
-
         import fsspec
 
-        shards = self.info.get("shards")
+        from retrieval.storage import IMAGE_EXTENSIONS, tar_samples
+
+        shards = self.info.shards
         if not shards:
             raise FileNotFoundError(
                 f"{self.path}/database.json records no shards, so its images cannot be shown"
@@ -250,14 +338,12 @@ class Database:
             wanted.setdefault(part, {})[str(keys[row])] = int(image_id)
         found: dict[int, bytes] = {}
         for part, by_key in wanted.items():
-            with (
-                fsspec.open(f"{shards.rstrip('/')}/{part}.tar", "rb") as f,
-                tarfile.open(fileobj=f, mode="r|") as tar,
-            ):
-                for member in tar:
-                    key, _, ext = member.name.rpartition("/")[2].partition(".")
-                    if key in by_key and ext in ("jpg", "jpeg", "png", "webp"):
-                        found[by_key[key]] = tar.extractfile(member).read()  # type: ignore[union-attr]
+            tar = f"{shards.rstrip('/')}/{part}.tar"
+            with fsspec.open(tar, "rb") as f:
+                for key, sample in tar_samples(f, tar):
+                    ext = next((e for e in IMAGE_EXTENSIONS if e in sample), None)
+                    if key in by_key and ext:
+                        found[by_key[key]] = sample[ext]
         return found
 
     def metadata(self, image_ids: np.ndarray) -> pd.DataFrame:
@@ -268,7 +354,14 @@ class Database:
 def read_neighbour_table(path: str) -> dict[str, np.ndarray]:
     """A neighbours folder (or one shard) -> image_id [N], neighbour_ids [N, k], neighbour_scores [N, k]
     (+ neighbour_emb [N, k, D] float16 when stored)."""
-    files = sorted(glob.glob(os.path.join(path, "neighbours_*.parquet"))) if os.path.isdir(path) else [path]
+    from retrieval.storage import list_parts
+
+    if os.path.isdir(path):
+        files = [
+            os.path.join(path, f"neighbours_{p}.parquet") for p in list_parts(path, "neighbours_", ".parquet")
+        ]
+    else:
+        files = [path]
     if not files:
         raise FileNotFoundError(f"{path} holds no neighbours_*.parquet; run `knn-diffusion neighbours` first")
     table = pa.concat_tables([pq.read_table(f) for f in files])

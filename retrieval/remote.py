@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from retrieval.database import SearchResult, normalize
+from retrieval.database import DatabaseInfo, SearchResult, normalize
 
 MAX_RESPONSE_BYTES = 16 * 1024 * 1024
 log = logging.getLogger(__name__)
@@ -46,7 +46,7 @@ class RemoteDatabase:
             raise ValueError(f"remote database url {url!r} must start with http:// or https://")
         self.path = self.url = url.rstrip("/")
         self.indice_name = indice_name
-        self.info = {"clip_model": clip_model}
+        self.info = DatabaseInfo(clip_model=clip_model)
         self.timeout = timeout
         self.allow_network = tuple(allow_network)
         self.allow_private_network = allow_private_network
@@ -114,7 +114,7 @@ class RemoteDatabase:
     def search_text(self, texts: list[str], k: int) -> SearchResult:
         from retrieval.clip_model import cached_encoder
 
-        return self.search(cached_encoder(self.info["clip_model"]).encode_texts(texts).numpy(), k)
+        return self.search(cached_encoder(self.info.clip_model).encode_texts(texts).numpy(), k)
 
     def metadata(self, image_ids: np.ndarray) -> pd.DataFrame:
         """Metadata of ids returned by earlier searches (the service is asked by row, which we never see)."""
@@ -137,7 +137,7 @@ class RemoteDatabase:
         from retrieval.clip_model import cached_encoder
         from retrieval.safe_fetch import FetchPolicy, guarded_opener
 
-        encoder = cached_encoder(self.info["clip_model"])
+        encoder = cached_encoder(self.info.clip_model)
         opener = guarded_opener(
             FetchPolicy(allow_private_network=self.allow_private_network, allowed_networks=self.allow_network)
         )

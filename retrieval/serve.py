@@ -19,7 +19,6 @@ from __future__ import annotations
 import base64
 import dataclasses
 import ipaddress
-import json
 import os
 import warnings
 from typing import Any
@@ -94,10 +93,11 @@ def _clip_resource(db: str, columns: tuple[str, ...]) -> Any:
     from clip_retrieval.clip_back import ClipResource, load_index, load_metadata_provider
 
     from retrieval.clip_model import ClipEncoder
+    from retrieval.database import DatabaseInfo
 
-    with open(os.path.join(db, "database.json")) as f:
-        info = json.load(f)
-    encoder = ClipEncoder(info["clip_model"], precision="fp32")  # clip_back feeds it float32 pixels
+    encoder = ClipEncoder(
+        DatabaseInfo.read(db).clip_model, precision="fp32"
+    )  # clip_back feeds it float32 pixels
     index = load_index(os.path.join(db, "image.index"), enable_faiss_memory_mapping=True)
     metadata, _ = load_metadata_provider(db, False, False, index, list(columns), False)
     return ClipResource(

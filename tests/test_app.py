@@ -132,7 +132,7 @@ def test_api_page_search_generate_and_limits(app_url, demo_paths):
     from retrieval.database import Database
 
     db = Database.open(main)  # the API answers what the database's own search answers
-    expected = db.search(cached_encoder(db.info["clip_model"]).encode_texts([PROMPT]).numpy(), 5)
+    expected = db.search(cached_encoder(db.info.clip_model).encode_texts([PROMPT]).numpy(), 5)
     assert found["ids"] == [int(i) for i in expected.ids[0]]
     assert found["captions"] == list(
         db.metadata(expected.ids[0]).set_index("image_id").loc[found["ids"], "caption"]

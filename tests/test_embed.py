@@ -144,11 +144,11 @@ def check_remote_database(base, out, tmp_path):
     """The running back, added to a catalogue by the CLI, opens by name and answers like the local database."""
     from pipelines.cli import main
     from retrieval.catalogue import open_database
-    from retrieval.database import Database
+    from retrieval.database import Database, DatabaseInfo
     from retrieval.remote import RemoteDatabase
 
     cat = str(tmp_path / "catalogue.json")
-    info = json.loads((out / "database.json").read_text())
+    info = DatabaseInfo.read(str(out))
     assert (
         main(["catalogue", "add", "--catalogue", cat, "--name", "web", "--url", base]) == 2
     )  # no --clip-model
@@ -162,7 +162,7 @@ def check_remote_database(base, out, tmp_path):
         "--url",
         base,
         "--clip-model",
-        info["clip_model"],
+        info.clip_model,
     ]
     assert main(args) == 0
     remote = open_database("web", catalogue=cat, allow_network=("127.0.0.1/32",))

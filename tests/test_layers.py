@@ -1,9 +1,9 @@
 """The layers of docs/architecture.md, read from the code: nothing imports upward.
 
-    retrieval   databases, search, remote services, and the low-level I/O every layer needs
-    pipelines   the stages that write databases (download, embed, index, aesthetic, neighbours, clip)
-    diffusion   the generator, which consumes databases through retrieval
-    pipelines.cli, pipelines.run, pipelines.demo, pipelines.report: the entry points that drive every layer
+retrieval   databases, search, remote services, and the low-level I/O every layer needs
+pipelines   the stages that write databases (download, embed, index, aesthetic, neighbours, clip)
+diffusion   the generator, which consumes databases through retrieval
+pipelines.cli, pipelines.run, pipelines.demo, pipelines.report: the entry points that drive every layer
 """
 
 from __future__ import annotations
@@ -43,7 +43,9 @@ def modules():
                 yield f"{layer}.{name[:-3]}", os.path.join(REPO, layer, name)
 
 
-@pytest.mark.parametrize(("module", "path"), list(modules()), ids=lambda v: v if "." in v and "/" not in v else "")
+@pytest.mark.parametrize(
+    ("module", "path"), list(modules()), ids=lambda v: v if "." in v and "/" not in v else ""
+)
 def test_nothing_imports_upward(module, path):
     if module in ENTRY_POINTS:
         return

@@ -271,3 +271,21 @@ def test_a_download_that_fetched_nothing_is_not_done(ray_session, image_server, 
     pipeline = Pipeline(config)
     result = pipeline.stage("download", dataclasses.asdict(config.data), pipeline.download)
     assert result["main"]["successes"] == 6 and (out / "manifests" / "download.json").exists()
+
+
+def test_a_copied_database_reads_its_own_shards_and_clip(quick_demo, tmp_path):
+    """database.json stores paths relative to the database, so a copy (db + shards + clip) uses its own files."""
+    import shutil
+
+    from retrieval.database import Database, DatabaseInfo
+
+    out, _ = quick_demo
+    moved = tmp_path / "moved"
+    for sub in ("db", "shards", "clip"):
+        shutil.copytree(out / sub, moved / sub)
+    info = DatabaseInfo.read(str(moved / "db" / "main"))
+    assert info.shards == str(moved / "shards" / "main")
+    assert str(moved / "clip") in info.clip_model and str(out) not in info.clip_model
+    db = Database.open(str(moved / "db" / "main"))
+    assert len(db.images(db.ids[:3])) == 3
+    assert db.search_text(["a red circle"], k=3).ids.shape == (1, 3)

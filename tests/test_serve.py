@@ -41,7 +41,7 @@ def test_serves_the_demo_database_whose_clip_is_a_config_json(client, demo_db):
     from retrieval.database import Database
 
     db = Database.open(demo_db)
-    assert ".json/" in db.info["clip_model"]
+    assert ".json/" in db.info.clip_model
     r = knn(client, text="a large red circle in the centre on a plain blue background")
     assert r.status_code == 200, r.get_json()
     want = db.search_text(["a large red circle in the centre on a plain blue background"], k=3)

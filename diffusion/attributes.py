@@ -149,8 +149,9 @@ def fit_classifier(
 
 def save_classifier(fit: ClassifierFit, path: str) -> None:
     """<path> (state dict, weights_only-safe) and <path>.json (vocabulary, image size, held-out accuracy)."""
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    torch.save(fit.model.state_dict(), path + ".tmp")
+    from retrieval.storage import json_bytes, torch_bytes, write_atomic
+
+    write_atomic(path, torch_bytes(fit.model.state_dict()))
     meta = {
         "vocabulary": {k: list(v) for k, v in fit.model.vocabulary.items()},
         "image_size": fit.model.image_size,
@@ -159,10 +160,7 @@ def save_classifier(fit: ClassifierFit, path: str) -> None:
         "num_heldout": fit.num_heldout,
         "seconds": fit.seconds,
     }
-    with open(path + ".json.tmp", "w") as f:
-        json.dump(meta, f, indent=2)
-    os.replace(path + ".tmp", path)
-    os.replace(path + ".json.tmp", path + ".json")  # last: marks the classifier complete
+    write_atomic(path + ".json", json_bytes(meta))  # last: marks the classifier complete
 
 
 def load_classifier(path: str) -> tuple[AttributeClassifier, dict[str, Any]]:

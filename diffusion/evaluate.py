@@ -19,7 +19,6 @@ see the very image whose caption it draws). Then, streamed batch by batch throug
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import time
 from collections.abc import Callable
@@ -27,6 +26,8 @@ from typing import Any
 
 import numpy as np
 import torch
+
+from retrieval.storage import json_bytes, write_atomic
 
 Parse = Callable[[str], dict[str, str] | None]
 
@@ -269,10 +270,7 @@ def evaluate(config: EvaluateConfig, attributes: AttributeSpec | None = None) ->
         "models": results,
         "seconds": time.time() - start,
     }
-    path = os.path.join(config.output, "evaluation.json")
-    with open(path + ".tmp", "w") as f:
-        json.dump(record, f, indent=2)
-    os.replace(path + ".tmp", path)
+    write_atomic(os.path.join(config.output, "evaluation.json"), json_bytes(record))
     for line in format_table(record).splitlines():
         print(f"evaluate: {line}", flush=True)
     return record

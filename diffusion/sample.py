@@ -19,6 +19,7 @@ import numpy as np
 import torch
 
 from diffusion.config import TrainConfig
+from retrieval.storage import image_bytes, json_bytes, write_atomic
 
 
 @dataclasses.dataclass
@@ -184,11 +185,7 @@ def grid(images: list[np.ndarray], cols: int, pad: int = 2) -> np.ndarray:
 
 
 def save_png(array: np.ndarray, path: str) -> None:
-    from PIL import Image
-
-    tmp = f"{path}.tmp-{os.getpid()}.png"
-    Image.fromarray(array).save(tmp)
-    os.replace(tmp, path)
+    write_atomic(path, image_bytes(array))
 
 
 def sample(config: SampleConfig) -> dict[str, Any]:
@@ -242,10 +239,7 @@ def sample(config: SampleConfig) -> dict[str, Any]:
     if thumbs and any(t.any() for t in thumbs):
         save_png(grid(thumbs, cols=mc.k), os.path.join(config.output, "neighbours.png"))
         record["neighbours_png"] = "neighbours.png"
-    path = os.path.join(config.output, "samples.json")
-    with open(path + ".tmp", "w") as f:
-        json.dump(record, f, indent=2)
-    os.replace(path + ".tmp", path)
+    write_atomic(os.path.join(config.output, "samples.json"), json_bytes(record))
     print(
         f"sample: {len(images)} images for {len(prompts)} prompts ({config.sampler}, {len(timesteps)} steps, "
         f"guidance {config.guidance}, database {config.database}{'' if config.band is None else ' band ' + str(config.band)}) "

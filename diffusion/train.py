@@ -25,7 +25,7 @@ import fsspec
 import torch
 
 from diffusion.config import TrainConfig
-from retrieval.storage import atomic_write_bytes
+from retrieval.storage import atomic_write_bytes, check_settings
 
 log = logging.getLogger(__name__)
 STATE_FILE = "state.pt"
@@ -331,17 +331,13 @@ def train(config: TrainConfig, ray_address: str | None = None) -> dict[str, Any]
     config.output = output
     fs, root = fsspec.core.url_to_fs(output)
     fs.makedirs(root, exist_ok=True)
-    config_path = f"{root}/config.json"
-    if fs.exists(config_path):
-        with fs.open(config_path) as f:
-            previous = json.load(f)
-        now = config.to_dict()
-        changed = {k for k in previous if k not in RESUMABLE_CHANGES and previous[k] != now.get(k)}
-        if changed:
-            raise ValueError(
-                f"--output {output} holds a run with other settings ({sorted(changed)}); use another --output"
-            )
-    atomic_write_bytes(fs, config_path, json.dumps(config.to_dict(), indent=2).encode())
+    check_settings(
+        f"{output}/config.json",
+        config.to_dict(),
+        f"--output {output} holds a run",
+        "use another --output",
+        ignore=tuple(RESUMABLE_CHANGES),
+    )
     init_ray(ray_address)
     if config.torch_threads is None and config.cpus_per_worker is not None:
         config.torch_threads = max(1, math.ceil(config.cpus_per_worker))  # the share the user gave it

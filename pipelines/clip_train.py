@@ -32,7 +32,7 @@ from typing import Any
 
 import numpy as np
 
-from retrieval.storage import atomic_write_bytes
+from retrieval.storage import json_bytes, setting_changes, torch_bytes, write_atomic
 
 log = logging.getLogger(__name__)
 
@@ -274,11 +274,6 @@ def _settings(config: ClipTrainConfig, train: list[str], holdout: list[str]) -> 
     return settings
 
 
-def _differences(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
-    keys = sorted((set(old) | set(new)) - set(COSMETIC_SETTINGS))
-    return [f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in keys if old.get(k) != new.get(k)]
-
-
 def _run_name(settings: dict[str, Any]) -> str:
     """open_clip_train's experiment name: one per settings, so --resume latest only resumes a run like this one."""
     kept = {k: v for k, v in settings.items() if k not in COSMETIC_SETTINGS}
@@ -427,9 +422,7 @@ def export_state_dict(train_checkpoint: str, config_name: str, path: str) -> Non
             key = key.removeprefix(prefix)
         state[key] = value.detach().to("cpu").clone().contiguous()
     open_clip.create_model(config_name).load_state_dict(state, strict=True)
-    tmp = f"{path}.tmp-{os.getpid()}"
-    torch.save(state, tmp)
-    os.replace(tmp, path)
+    write_atomic(path, torch_bytes(state))
 
 
 def _fit_task(
@@ -532,14 +525,8 @@ def _fit_task(
         "losses": losses,
         "holdout_recall": holdout_recall,
     }
-    atomic_write_local(os.path.join(output, MARKER), json.dumps(record, indent=1).encode())
+    write_atomic(os.path.join(output, MARKER), json_bytes(record, indent=1))
     return record
-
-
-def atomic_write_local(path: str, data: bytes) -> None:
-    import fsspec
-
-    atomic_write_bytes(fsspec.filesystem("file"), path, data)
 
 
 def steps_per_epoch(num_samples: int, batch_size: int, workers: int) -> int:
@@ -604,7 +591,7 @@ def fit_clip(config: ClipTrainConfig, ray_address: str | None = None) -> ClipTra
     if os.path.exists(marker):
         with open(marker) as f:
             record = json.load(f)
-        differences = _differences(record["settings"], settings)
+        differences = setting_changes(record["settings"], settings, ignore=tuple(COSMETIC_SETTINGS))
         if differences:
             raise ValueError(
                 f"--output {output} holds a CLIP fitted with other settings ({'; '.join(differences)}); "
@@ -620,7 +607,7 @@ def fit_clip(config: ClipTrainConfig, ray_address: str | None = None) -> ClipTra
     )
     os.makedirs(output, exist_ok=True)
     config_path = os.path.join(output, config.config_name() + ".json")
-    atomic_write_local(config_path, json.dumps(settings["model_config"], indent=4).encode())
+    write_atomic(config_path, json_bytes(settings["model_config"], indent=4))
 
     init_ray(ray_address)
     cpus, gpus = _task_resources(config.use_gpu)

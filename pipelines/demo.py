@@ -9,6 +9,7 @@ import os
 from typing import Any
 
 from pipelines.run import QUICK, PipelineConfig, run_pipeline, with_overrides
+from retrieval.storage import torch_bytes, write_atomic
 
 
 def demo_config(
@@ -30,6 +31,5 @@ def random_init_checkpoint(path: str, config: str = "ViT-S-32") -> str:
 
     if not os.path.exists(path):
         torch.manual_seed(0)
-        torch.save(open_clip.create_model(config).state_dict(), path + ".tmp")
-        os.replace(path + ".tmp", path)
+        write_atomic(path, torch_bytes(open_clip.create_model(config).state_dict()))
     return f"open_clip:{config}/{os.path.abspath(path)}"

@@ -27,6 +27,8 @@ import numpy as np
 import pandas as pd
 from PIL import Image, ImageDraw, ImageFilter
 
+from retrieval.storage import image_bytes, parquet_bytes, write_atomic
+
 COLOURS = {"red": (220, 40, 40), "green": (40, 180, 60), "blue": (40, 70, 220), "yellow": (230, 210, 40)}
 SHAPES = ("square", "circle", "bar")
 
@@ -65,9 +67,7 @@ def write_images(folder: str, num_images: int, size: int = 64) -> list[str]:
         name = f"img_{i}.jpg"
         path = os.path.join(folder, name)
         if not os.path.exists(path):
-            with open(path + ".tmp", "wb") as f:
-                f.write(make_image(i, size))
-            os.replace(path + ".tmp", path)
+            write_atomic(path, make_image(i, size))
         names.append(name)
     return names
 
@@ -502,16 +502,14 @@ def write_dataset(
         name = f"{style}_{i:06d}.jpg"
         path = os.path.join(folder, name)
         if not os.path.exists(path):
-            tmp = f"{path}.{os.getpid()}.tmp"
-            Image.fromarray(render(scene, size, style, seed=image_seed)).save(tmp, format="JPEG", quality=90)
-            os.replace(tmp, path)
+            write_atomic(
+                path, image_bytes(render(scene, size, style, seed=image_seed), format="JPEG", quality=90)
+            )
         rows.append(
             {"file": name, "caption": caption(scene), "rating": rating(scene, image_seed), "style": style}
             | dataclasses.asdict(scene)
         )
     frame = pd.DataFrame(rows, columns=list(DATASET_COLUMNS))
     parquet_path = os.path.join(folder, f"{style}_captions.parquet")
-    tmp = f"{parquet_path}.{os.getpid()}.tmp"
-    frame.to_parquet(tmp, index=False)
-    os.replace(tmp, parquet_path)
+    write_atomic(parquet_path, parquet_bytes(frame))
     return frame

@@ -41,7 +41,7 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from retrieval.safe_fetch import DEFAULT_MAX_BYTES, FetchPolicy, use_opener
-from retrieval.storage import atomic_write_bytes
+from retrieval.storage import atomic_write_bytes, setting_changes
 
 log = logging.getLogger(__name__)
 
@@ -311,9 +311,7 @@ def claim_output_folder(output_folder: str, settings: dict[str, Any]) -> None:
                 raise ValueError(
                     f"{output_folder}/{SETTINGS_FILE} is not valid JSON ({err}); was it edited?"
                 ) from err
-        changed = [
-            f"{k}: {before.get(k)!r} -> {settings[k]!r}" for k in settings if before.get(k) != settings[k]
-        ]
+        changed = setting_changes(before, settings)
         if changed:
             raise ValueError(
                 f"--output-folder {output_folder} was downloaded with other settings ({'; '.join(changed)}); "

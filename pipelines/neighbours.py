@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import dataclasses
 import io
-import json
 import os
 import time
 from typing import Any
@@ -24,7 +23,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from tqdm import tqdm
 
-from retrieval.storage import atomic_write_bytes, list_parts
+from retrieval.storage import atomic_write_bytes, check_settings, list_parts
 
 
 @dataclasses.dataclass
@@ -230,17 +229,12 @@ def compute(config: NeighboursConfig, ray_address: str | None = None) -> dict[st
     out = config.output
     fs, root = fsspec.core.url_to_fs(out)
     settings = {**config.settings(), "index_identity": index_identity(config.db, config.index)}
-    settings_path = f"{root}/neighbours.json"
-    if fs.exists(settings_path):
-        with fs.open(settings_path) as f:
-            previous = json.load(f)
-        if previous != settings:
-            raise ValueError(
-                f"--output {out} holds neighbours computed with other settings or from another index build "
-                f"({previous}); choose another --output or delete it"
-            )
-    else:
-        atomic_write_bytes(fs, settings_path, json.dumps(settings, indent=2).encode())
+    check_settings(
+        f"{out}/neighbours.json",
+        settings,
+        f"--output {out} holds neighbours",
+        "choose another --output or delete it",
+    )
     parts = _parts(config.db)
     todo = [p for p in parts if not fs.exists(f"{root}/neighbours_{p}.parquet")]
     init_ray(ray_address)

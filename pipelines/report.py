@@ -18,6 +18,8 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from retrieval.storage import image_bytes, write_atomic
+
 PAD = 2  # diffusion.sample.grid's padding between tiles
 
 
@@ -31,9 +33,7 @@ def grid_rows(path: str, num_rows: int) -> list[np.ndarray]:
 
 
 def _save(array: np.ndarray, path: str) -> None:
-    tmp = f"{path}.tmp.png"
-    Image.fromarray(array).save(tmp)
-    os.replace(tmp, path)
+    write_atomic(path, image_bytes(array))
 
 
 def _img(src: str, alt: str, height: int = 96) -> str:
@@ -181,9 +181,7 @@ def write_report(
         add(_img(loss_src, "training loss", 360))
     add("</body></html>")
     path = os.path.join(out, "report.html")
-    with open(path + ".tmp", "w") as f:
-        f.write("\n".join(h))
-    os.replace(path + ".tmp", path)
+    write_atomic(path, "\n".join(h).encode())
     return path
 
 

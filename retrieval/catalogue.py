@@ -60,11 +60,9 @@ def register(path: str, name: str, entry: dict[str, Any]) -> None:
             "(or remove that entry from the file)"
         )
     cat["databases"][name] = entry
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "w") as f:
-        json.dump(cat, f, indent=2)
-    os.replace(tmp, path)
+    from retrieval.storage import json_bytes, write_atomic
+
+    write_atomic(path, json_bytes(cat))
 
 
 def local_entry(db: str) -> dict[str, Any]:

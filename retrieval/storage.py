@@ -2,7 +2,7 @@
 
 - Atomic writes through fsspec: write to a temporary name beside the target, then rename into place, so
   readers see the old file or the whole new one, never a part (write_atomic, and the encoders for what
-  we write: json_bytes, png_bytes, torch_bytes, parquet_bytes).
+  we write: json_bytes, image_bytes, torch_bytes, parquet_bytes).
 - The "settings changed, refuse" check of every stage that can resume (check_settings).
 - Part listing: the NNNNN ids of a database's parts (list_parts).
 - Shard reading: the samples of a webdataset tar grouped by key (tar_samples).
@@ -43,7 +43,7 @@ def json_bytes(obj: Any, indent: int | None = 2) -> bytes:
     return json.dumps(obj, indent=indent).encode()
 
 
-def png_bytes(image: Any, **save_options: Any) -> bytes:
+def image_bytes(image: Any, **save_options: Any) -> bytes:
     """A PIL image (or a uint8 array [H, W, 3]) encoded as PNG (or another format via save_options)."""
     from PIL import Image
 
@@ -69,29 +69,34 @@ def parquet_bytes(frame: Any) -> bytes:
     return buf.getvalue()
 
 
-def check_settings(path: str, settings: dict[str, Any], what: str, remedy: str) -> None:
+def setting_changes(before: dict[str, Any], now: dict[str, Any], ignore: tuple[str, ...] = ()) -> list[str]:
+    """ "key: old -> new" for every setting that differs (compared as JSON, so a tuple equals a list)."""
+    before, now = json.loads(json.dumps(before)), json.loads(json.dumps(now))
+    keys = sorted((set(before) | set(now)) - set(ignore))
+    return [f"{k}: {before.get(k)!r} -> {now.get(k)!r}" for k in keys if before.get(k) != now.get(k)]
+
+
+def check_settings(
+    path: str, settings: dict[str, Any], what: str, remedy: str, ignore: tuple[str, ...] = ()
+) -> None:
     """Record `settings` at path (JSON) the first time; later, refuse settings that differ, naming each change.
 
     what names the thing the settings belong to (e.g. "--output runs/a holds a run"); remedy says what to do.
-    Values are compared as they are on disk (JSON), so tuples and lists are the same setting.
+    ignore: settings that may change between runs (the file is rewritten with their new values).
     """
     fs, root = fsspec.core.url_to_fs(path if "://" in path else os.path.abspath(path))
-    now = json.loads(json.dumps(settings))
-    if not fs.exists(root):
-        atomic_write_bytes(fs, root, json_bytes(now))
-        return
-    with fs.open(root) as f:
-        try:
-            before = json.load(f)
-        except json.JSONDecodeError as err:
-            raise ValueError(f"{path} is not valid JSON ({err}); was it edited? {remedy}") from err
-    changed = [
-        f"{k}: {before.get(k)!r} -> {now.get(k)!r}"
-        for k in sorted(set(before) | set(now))
-        if before.get(k) != now.get(k)
-    ]
-    if changed:
-        raise ValueError(f"{what} made with other settings ({'; '.join(changed)}); {remedy}")
+    if fs.exists(root):
+        with fs.open(root) as f:
+            try:
+                before = json.load(f)
+            except json.JSONDecodeError as err:
+                raise ValueError(f"{path} is not valid JSON ({err}); was it edited? {remedy}") from err
+        changed = setting_changes(before, settings, ignore)
+        if changed:
+            raise ValueError(f"{what} made with other settings ({'; '.join(changed)}); {remedy}")
+        if not ignore:
+            return
+    atomic_write_bytes(fs, root, json_bytes(settings))
 
 
 def list_parts(folder: str, prefix: str, suffix: str) -> list[str]:

@@ -73,7 +73,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--clip-config",
         default="ViT-B-32",
-        help="open_clip model config of the random-init checkpoint (no pretrained weights are downloaded; default: %(default)s)",
+        help="open_clip model config of the random-init checkpoint "
+        "(no pretrained weights are downloaded; default: %(default)s)",
     )
     parser.add_argument(
         "--workdir",

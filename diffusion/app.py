@@ -19,6 +19,7 @@ ever fetched from a URL on a request's behalf (remote catalogue entries are refu
 # code names, so FastAPI could not resolve a string annotation such as "GenerateRequest" in a replica.
 import asyncio
 import base64
+import contextlib
 import dataclasses
 import io
 import os
@@ -246,23 +247,41 @@ class GenerationService:
         return results
 
 
+async def cap_body(request: Any, call_next: Any) -> Any:
+    """HTTP middleware: a POST needs a Content-Length (411) of at most MAX_BODY_BYTES (413)."""
+    from fastapi.responses import JSONResponse
+
+    if request.method == "POST":
+        length = request.headers.get("content-length")
+        if length is None:
+            return JSONResponse({"detail": "send a Content-Length header"}, status_code=411)
+        if not length.isdigit() or int(length) > MAX_BODY_BYTES:
+            return JSONResponse({"detail": f"request body over {MAX_BODY_BYTES} bytes"}, status_code=413)
+    return await call_next(request)
+
+
+@contextlib.contextmanager
+def http_errors() -> Any:
+    """The service's LookupError (unknown database or band) as 404, its ValueError (bad request) as 400."""
+    from fastapi import HTTPException
+
+    try:
+        yield
+    except LookupError as err:
+        raise HTTPException(404, str(err)) from err
+    except ValueError as err:
+        raise HTTPException(400, str(err)) from err
+
+
 def build_app(config: AppConfig) -> Any:
     """The Ray Serve application (bound deployment) for config."""
-    from fastapi import FastAPI, HTTPException, Request
-    from fastapi.responses import HTMLResponse, JSONResponse
+    from fastapi import FastAPI
+    from fastapi.responses import HTMLResponse
     from ray import serve
 
     api = FastAPI(title="knn-diffusion", docs_url=None, redoc_url=None, openapi_url=None)
 
-    @api.middleware("http")
-    async def cap_body(request: Request, call_next: Any) -> Any:
-        if request.method == "POST":
-            length = request.headers.get("content-length")
-            if length is None:
-                return JSONResponse({"detail": "send a Content-Length header"}, status_code=411)
-            if not length.isdigit() or int(length) > MAX_BODY_BYTES:
-                return JSONResponse({"detail": f"request body over {MAX_BODY_BYTES} bytes"}, status_code=413)
-        return await call_next(request)
+    api.middleware("http")(cap_body)
 
     @serve.deployment(
         num_replicas=config.replicas,
@@ -291,21 +310,13 @@ def build_app(config: AppConfig) -> Any:
         async def search(
             self, q: str, database: str | None = None, band: str | None = None, k: int = 12
         ) -> Any:
-            try:
+            with http_errors():
                 return await asyncio.to_thread(self.service.search, q, database, band, k)
-            except LookupError as err:
-                raise HTTPException(404, str(err)) from err
-            except ValueError as err:
-                raise HTTPException(400, str(err)) from err
 
         @api.post("/generate")
         async def generate(self, request: GenerateRequest) -> Any:
-            try:
+            with http_errors():
                 self.service.validate(request)
-            except LookupError as err:
-                raise HTTPException(404, str(err)) from err
-            except ValueError as err:
-                raise HTTPException(400, str(err)) from err
             return await self.batched(request)
 
         @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.05)

@@ -55,28 +55,9 @@ class ModelConfig:
         if self.patch_size is None:  # the DiT's usual patches; the UNet's whole resolution
             self.patch_size = 4 if self.arch == "dit" else 1
         if self.arch == "unet":
-            levels = len(self.widths)
-            if levels < 1 or self.image_size % (self.patch_size * 2 ** (levels - 1)):
-                raise ValueError(
-                    f"image_size {self.image_size} must divide by patch_size {self.patch_size} and then halve "
-                    f"{levels - 1} times (one per level after the first of widths {self.widths})"
-                )
-            if any(w % self.num_heads or w < 4 for w in self.widths):
-                raise ValueError(
-                    f"every unet width must be >= 4 and a multiple of num_heads {self.num_heads}"
-                )
-            if self.blocks_per_level < 1:
-                raise ValueError(f"blocks_per_level must be >= 1, got {self.blocks_per_level}")
+            self._check_unet()
         else:
-            if self.image_size % self.patch_size:
-                raise ValueError(
-                    f"image_size {self.image_size} is not a multiple of patch_size {self.patch_size}"
-                )
-            if self.width < self.patch_size**2 * self.channels:
-                raise ValueError(
-                    f"width {self.width} is below the {self.patch_size**2 * self.channels} values of a patch: the "
-                    "network could not carry the noise through; raise width or lower patch_size"
-                )
+            self._check_dit()
         if self.width % self.num_heads:
             raise ValueError(f"width {self.width} is not a multiple of num_heads {self.num_heads}")
         for name in ("cond_drop_prob", "query_drop_prob"):
@@ -85,6 +66,29 @@ class ModelConfig:
         if self.k < 0 or (self.use_knn and self.k == 0):
             raise ValueError(
                 f"k must be >= 1 with use_knn (set use_knn: false for the no-kNN model), got {self.k}"
+            )
+
+    def _check_unet(self) -> None:
+        levels = len(self.widths)
+        if levels < 1 or self.image_size % (self.patch_size * 2 ** (levels - 1)):
+            raise ValueError(
+                f"image_size {self.image_size} must divide by patch_size {self.patch_size} and then halve "
+                f"{levels - 1} times (one per level after the first of widths {self.widths})"
+            )
+        if any(w % self.num_heads or w < 4 for w in self.widths):
+            raise ValueError(f"every unet width must be >= 4 and a multiple of num_heads {self.num_heads}")
+        if self.blocks_per_level < 1:
+            raise ValueError(f"blocks_per_level must be >= 1, got {self.blocks_per_level}")
+
+    def _check_dit(self) -> None:
+        if self.image_size % self.patch_size:
+            raise ValueError(
+                f"image_size {self.image_size} is not a multiple of patch_size {self.patch_size}"
+            )
+        if self.width < self.patch_size**2 * self.channels:
+            raise ValueError(
+                f"width {self.width} is below the {self.patch_size**2 * self.channels} values of a patch: the "
+                "network could not carry the noise through; raise width or lower patch_size"
             )
 
 
@@ -137,7 +141,9 @@ class TrainConfig:
     whole CPUs); on a node with under 2 CPUs per worker, the share less half a CPU.
     torch_threads: intra-op threads per worker; default: the worker's whole share of the node (data loading is
     light), or cpus_per_worker rounded up when that is given.
-    crash_at_step: fault injection for recovery tests: the last worker SIGKILLs itself once at this step.
+    step_hook: "module:function" called by every worker after every step as function(step=, rank=, world=,
+    config=); the tests inject faults with it (tests/faults.py). Imported in the worker, so the module must be
+    importable there.
     """
 
     db: str
@@ -166,7 +172,7 @@ class TrainConfig:
     max_failures: int = 3
     shuffle_buffer: int = 0
     seed: int = 0
-    crash_at_step: int | None = None
+    step_hook: str | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.model, dict):
@@ -185,6 +191,8 @@ class TrainConfig:
                 f"min_snr_gamma must be >= 0 (0 turns the weighting off), got {self.min_snr_gamma}"
             )
         self.exclude_parts = [str(p) for p in self.exclude_parts]
+        if self.step_hook is not None and ":" not in self.step_hook:
+            raise ValueError(f"step_hook must be 'module:function', got {self.step_hook!r}")
         if self.precision not in ("auto", "fp32", "bf16"):
             raise ValueError(f"precision must be auto, fp32 or bf16, got {self.precision!r}")
 

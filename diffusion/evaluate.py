@@ -160,96 +160,115 @@ def ensure_classifier(
     return load_classifier(path)
 
 
-def evaluate(config: EvaluateConfig, attributes: AttributeSpec | None = None) -> dict[str, Any]:
-    """Score every checkpoint (see the module docstring); writes <output>/evaluation.json and returns it."""
-    from tqdm import tqdm
+def _load_checkpoints(config: EvaluateConfig) -> tuple[dict[str, Any], int]:
+    """{name: (model, config, step)} and their common image size; refuses one trained on the held-out parts."""
+    from diffusion.sample import load_model
 
-    from diffusion.metrics import (
-        AttributeAccuracy,
-        ClipScore,
-        ImageFeatures,
-        frechet_distance,
-        inception_fid,
-        kernel_distance,
-    )
-    from diffusion.sample import generate, grid, load_model, retrieval_condition, save_png
-    from retrieval.clip_model import cached_encoder
-    from retrieval.database import Database
-
-    start = time.time()
-    os.makedirs(config.output, exist_ok=True)
     models = {name: load_model(path) for name, path in config.checkpoints.items()}
     sizes = {cfg.model.image_size for _, cfg, _ in models.values()}
     if len(sizes) != 1:
         raise ValueError(
             f"the checkpoints generate different image sizes {sorted(sizes)}; evaluate them apart"
         )
-    image_size = sizes.pop()
-    db = Database.open(config.database)
     for name, (_, cfg, _) in models.items():
         overlap = sorted(set(config.heldout_parts) - set(cfg.exclude_parts))
         if overlap:
             raise ValueError(
                 f"checkpoint {name} trained on the held-out parts {overlap}; train with exclude_parts {overlap}"
             )
+    return models, sizes.pop()
+
+
+def _score_generator(
+    config: EvaluateConfig, name: str, loaded: tuple[Any, Any, int], ctx: dict[str, Any]
+) -> tuple[dict[str, Any], np.ndarray]:
+    """One generator's row of the table (and its images): it samples the prompts, then every metric reads them."""
+    from tqdm import tqdm
+
+    from diffusion.metrics import AttributeAccuracy, ClipScore
+    from diffusion.sample import generate, retrieval_condition
+
+    model, cfg, step = loaded
+    for metric in ctx["distances"]:
+        metric.reset()  # the real images' features stay (reset_real_features=False); the samples' go
+    clip_score = ClipScore(ctx["encoder"])
+    accuracy = AttributeAccuracy(ctx["classifier"]) if ctx["classifier"] is not None else None
+    cond, _ = retrieval_condition(ctx["db"], ctx["query"], cfg, exclude_ids=ctx["heldout_ids"])
+    tic = time.time()
+    images = generate(model, cfg, cond, config.sampler, config.steps, config.guidance, config.seed)
+    seconds = time.time() - tic
+    prompts, targets, n = ctx["prompts"], ctx["targets"], config.batch_size
+    for lo in tqdm(range(0, len(images), n), desc=f"evaluate {name}", unit="batch", leave=False):
+        batch = torch.from_numpy(images[lo : lo + n]).permute(0, 3, 1, 2)
+        for metric in ctx["distances"]:
+            metric.update(batch, real=False)
+        clip_score.update(batch, prompts[lo : lo + n])
+        if accuracy is not None:
+            accuracy.update(batch, {a: v[lo : lo + n] for a, v in targets.items()})
+    kid_mean, kid_std = ctx["kid"].compute()
+    row: dict[str, Any] = {
+        "checkpoint": config.checkpoints[name],
+        "step": step,
+        "use_knn": cfg.model.use_knn,
+        "k": cfg.model.k if cfg.model.use_knn else 0,
+        "frechet_distance": float(ctx["fd"].compute()),
+        "kid": float(kid_mean),
+        "kid_std": float(kid_std),
+        "clip_score": float(clip_score.compute()),
+        "seconds_per_image": seconds / len(images),
+    }
+    if ctx["inception"] is not None:
+        row["inception_fid"] = float(ctx["inception"].compute())
+    if accuracy is not None:
+        row["attribute_accuracy"] = {a: float(v) for a, v in accuracy.compute().items()}
+    return row, images
+
+
+def evaluate(config: EvaluateConfig, attributes: AttributeSpec | None = None) -> dict[str, Any]:
+    """Score every checkpoint (see the module docstring); writes <output>/evaluation.json and returns it."""
+    from diffusion.metrics import ClipScore, ImageFeatures, frechet_distance, inception_fid, kernel_distance
+    from diffusion.sample import grid, save_png
+    from retrieval.clip_model import cached_encoder
+    from retrieval.database import Database
+
+    start = time.time()
+    os.makedirs(config.output, exist_ok=True)
+    models, image_size = _load_checkpoints(config)
+    db = Database.open(config.database)
     heldout_ids, real, captions = part_images(db, config.heldout_parts, image_size)
     rng = np.random.default_rng(config.seed)
-    pick = np.sort(rng.permutation(len(captions))[: config.num_prompts])
-    prompts = [captions[i] for i in pick]
+    prompts = [captions[i] for i in np.sort(rng.permutation(len(captions))[: config.num_prompts])]
     eval_clip = config.eval_clip_model or db.info.clip_model
     encoder = cached_encoder(eval_clip)
     features = ImageFeatures(encoder)
-    classifier, classifier_meta = (None, None)
-    targets = None
+    classifier, classifier_meta, targets = None, None, None
     if attributes is not None:
         classifier, classifier_meta = ensure_classifier(config, db, attributes, image_size, (real, captions))
         targets = {a: torch.from_numpy(v) for a, v in labels_of(prompts, attributes).items()}
-    query = db_encoder_texts(db, prompts)
     real_t = torch.from_numpy(real).permute(0, 3, 1, 2)
-    results: dict[str, Any] = {}
-    # the real images' features are extracted once; reset() between generators keeps them
-    # (reset_real_features=False) and clears only the samples'
     fd = frechet_distance(features)
     kid = kernel_distance(features, subset_size=min(100, len(prompts), len(real)))
     inception = inception_fid(config.inception_weights) if config.inception_weights else None
     distances = [m for m in (fd, kid, inception) if m is not None]
-    for lo in range(0, len(real_t), config.batch_size):
+    for lo in range(0, len(real_t), config.batch_size):  # the real images' features, once for all generators
         for metric in distances:
             metric.update(real_t[lo : lo + config.batch_size], real=True)
-    for name, (model, cfg, step) in models.items():
-        for metric in distances:
-            metric.reset()
-        clip_score = ClipScore(encoder)
-        accuracy = AttributeAccuracy(classifier) if classifier is not None else None
-        cond, _ = retrieval_condition(db, query, cfg, exclude_ids=heldout_ids)
-        tic = time.time()
-        images = generate(model, cfg, cond, config.sampler, config.steps, config.guidance, config.seed)
-        seconds = time.time() - tic
-        batches = range(0, len(images), config.batch_size)
-        for lo in tqdm(batches, desc=f"evaluate {name}", unit="batch", leave=False):
-            batch = torch.from_numpy(images[lo : lo + config.batch_size]).permute(0, 3, 1, 2)
-            for metric in distances:
-                metric.update(batch, real=False)
-            clip_score.update(batch, prompts[lo : lo + config.batch_size])
-            if accuracy is not None and targets is not None:
-                accuracy.update(batch, {a: v[lo : lo + config.batch_size] for a, v in targets.items()})
-        kid_mean, kid_std = kid.compute()
-        row: dict[str, Any] = {
-            "checkpoint": config.checkpoints[name],
-            "step": step,
-            "use_knn": cfg.model.use_knn,
-            "k": cfg.model.k if cfg.model.use_knn else 0,
-            "frechet_distance": float(fd.compute()),
-            "kid": float(kid_mean),
-            "kid_std": float(kid_std),
-            "clip_score": float(clip_score.compute()),
-            "seconds_per_image": seconds / len(images),
-        }
-        if inception is not None:
-            row["inception_fid"] = float(inception.compute())
-        if accuracy is not None:
-            row["attribute_accuracy"] = {a: float(v) for a, v in accuracy.compute().items()}
-        results[name] = row
+    ctx = {
+        "db": db,
+        "query": db_encoder_texts(db, prompts),
+        "heldout_ids": heldout_ids,
+        "prompts": prompts,
+        "encoder": encoder,
+        "classifier": classifier,
+        "targets": targets,
+        "fd": fd,
+        "kid": kid,
+        "inception": inception,
+        "distances": distances,
+    }
+    results: dict[str, Any] = {}
+    for name, loaded in models.items():
+        results[name], images = _score_generator(config, name, loaded, ctx)
         save_png(grid(list(images[:48]), cols=12), os.path.join(config.output, f"samples_{name}.png"))
     real_clip = ClipScore(encoder)
     for lo in range(0, len(real_t), config.batch_size):

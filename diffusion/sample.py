@@ -142,7 +142,7 @@ def generate(
     (each batch's noise is drawn from one seeded generator, in order), or starting from the given x_T noise
     [N, C, H, W] (the service draws each request's from its own seed). Runs on the model's device."""
     from diffusion.precond import EpsDenoiser
-    from diffusion.samplers import SAMPLERS
+    from diffusion.samplers import SAMPLERS, CFGDenoiser
     from diffusion.schedule import cosine_alphas_cumprod, sampling_timesteps
 
     mc = config.model
@@ -161,7 +161,11 @@ def generate(
         )
         with torch.inference_mode():
             out.append(
-                to_uint8(SAMPLERS[sampler](eps_model, x, timesteps, part, guidance, abar, generator=gen))
+                to_uint8(
+                    SAMPLERS[sampler](
+                        CFGDenoiser(eps_model, part, guidance), x, timesteps, abar, generator=gen
+                    )
+                )
             )
     return np.concatenate(out)
 
@@ -242,7 +246,8 @@ def sample(config: SampleConfig) -> dict[str, Any]:
     write_atomic(os.path.join(config.output, "samples.json"), json_bytes(record))
     print(
         f"sample: {len(images)} images for {len(prompts)} prompts ({config.sampler}, {len(timesteps)} steps, "
-        f"guidance {config.guidance}, database {config.database}{'' if config.band is None else ' band ' + str(config.band)}) "
+        f"guidance {config.guidance}, database {config.database}"
+        f"{'' if config.band is None else ' band ' + str(config.band)}) "
         f"in {time.time() - start:.1f}s -> {config.output}/grid.png",
         flush=True,
     )

@@ -1,10 +1,9 @@
-"""Samplers: noise x_T [B, C, H, W] + condition -> images x_0, with classifier-free guidance.
+"""Samplers: noise x_T [B, C, H, W] -> images x_0, given a denoiser(x, t) -> eps.
 
-All share one signature: sample_*(model, x, timesteps, cond, guidance, alphas_cumprod, generator=None,
-callback=None), where model(x, t, drop=..., **cond) predicts the noise, timesteps run from high to low
-(schedule.sampling_timesteps), and guidance is the classifier-free guidance scale w (Ho & Salimans 2022,
-eq. 6): eps = eps_uncond + w (eps_cond - eps_uncond); w = 1 is the conditional model, w = 0 the
-unconditional one. The predicted x0 is clipped to [-1, 1] (pixel range) unless clip_x0=False.
+All share one signature: sample_*(denoiser, x, timesteps, alphas_cumprod, generator=None, callback=None),
+where timesteps run from high to low (schedule.sampling_timesteps). The samplers know nothing of conditions or
+guidance: CFGDenoiser wraps the network once (k-diffusion's CFGDenoiser pattern) and every sampler calls it.
+The predicted x0 is clipped to [-1, 1] (pixel range) unless clip_x0=False.
 """
 
 from __future__ import annotations
@@ -16,20 +15,34 @@ import torch
 Callback = Callable[[int, torch.Tensor, torch.Tensor], None]  # (timestep, x_t, predicted x0)
 
 
-def guided_eps(
-    model: Callable[..., torch.Tensor],
-    x: torch.Tensor,
-    t: int,
-    cond: dict[str, torch.Tensor],
-    guidance: float,
-) -> torch.Tensor:
-    """eps_uncond + guidance * (eps_cond - eps_uncond), both halves in one batch of 2B."""
-    b = x.shape[0]
-    tt = torch.full((2 * b,), t, device=x.device, dtype=torch.long)
-    drop = torch.cat([torch.zeros(b, dtype=torch.bool), torch.ones(b, dtype=torch.bool)]).to(x.device)
-    doubled = {k: torch.cat([v, v]) for k, v in cond.items()}
-    eps_c, eps_u = model(torch.cat([x, x]), tt, drop=drop, **doubled).float().chunk(2)
-    return eps_u + guidance * (eps_c - eps_u)
+Denoiser = Callable[[torch.Tensor, int], torch.Tensor]  # (x_t [B, ...], timestep) -> eps [B, ...]
+
+
+class CFGDenoiser:
+    """Classifier-free guidance around an eps model: (x, t) -> eps_uncond + w (eps_cond - eps_uncond).
+
+    model(x, t [B], drop=[B] bool, **cond) predicts the noise; drop replaces the condition by the learned null
+    tokens. w is in the GLIDE / Stable Diffusion convention: w = 1 is the conditional model, w = 0 the
+    unconditional one. (Ho & Salimans 2022, eq. 6, write (1 + w') eps_cond - w' eps_uncond: the same with
+    w' = w - 1.) Both halves run in one batch of 2B; w = 1 runs the conditional half alone.
+    """
+
+    def __init__(
+        self, model: Callable[..., torch.Tensor], cond: dict[str, torch.Tensor], guidance: float
+    ) -> None:
+        self.model, self.cond, self.guidance = model, cond, guidance
+
+    def __call__(self, x: torch.Tensor, t: int) -> torch.Tensor:
+        b = x.shape[0]
+        if self.guidance == 1.0:
+            tt = torch.full((b,), t, device=x.device, dtype=torch.long)
+            keep = torch.zeros(b, dtype=torch.bool, device=x.device)
+            return self.model(x, tt, drop=keep, **self.cond).float()
+        tt = torch.full((2 * b,), t, device=x.device, dtype=torch.long)
+        drop = torch.cat([torch.zeros(b, dtype=torch.bool), torch.ones(b, dtype=torch.bool)]).to(x.device)
+        doubled = {k: torch.cat([v, v]) for k, v in self.cond.items()}
+        eps_c, eps_u = self.model(torch.cat([x, x]), tt, drop=drop, **doubled).float().chunk(2)
+        return eps_u + self.guidance * (eps_c - eps_u)
 
 
 def _abar(alphas_cumprod: torch.Tensor, t: int) -> torch.Tensor:
@@ -53,11 +66,9 @@ def _noise(x: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
 
 @torch.no_grad()
 def sample_ddim(
-    model: Callable[..., torch.Tensor],
+    denoiser: Denoiser,
     x: torch.Tensor,
     timesteps: Sequence[int],
-    cond: dict[str, torch.Tensor],
-    guidance: float,
     alphas_cumprod: torch.Tensor,
     generator: torch.Generator | None = None,
     callback: Callback | None = None,
@@ -73,7 +84,7 @@ def sample_ddim(
     for i, t in enumerate(steps):
         prev = steps[i + 1] if i + 1 < len(steps) else -1
         a, a_prev = _abar(abars, t), _abar(abars, prev)
-        x0, eps = _x0_and_eps(x.double(), guided_eps(model, x, t, cond, guidance).double(), a, clip_x0)
+        x0, eps = _x0_and_eps(x.double(), denoiser(x, t).double(), a, clip_x0)
         sigma = eta * ((1 - a_prev) / (1 - a)).sqrt() * (1 - a / a_prev).sqrt()
         x_prev = a_prev.sqrt() * x0 + (1 - a_prev - sigma**2).clamp(min=0).sqrt() * eps
         if prev >= 0 and eta > 0:
@@ -86,11 +97,9 @@ def sample_ddim(
 
 @torch.no_grad()
 def sample_ddpm(
-    model: Callable[..., torch.Tensor],
+    denoiser: Denoiser,
     x: torch.Tensor,
     timesteps: Sequence[int],
-    cond: dict[str, torch.Tensor],
-    guidance: float,
     alphas_cumprod: torch.Tensor,
     generator: torch.Generator | None = None,
     callback: Callback | None = None,
@@ -108,7 +117,7 @@ def sample_ddpm(
         a, a_prev = _abar(abars, t), _abar(abars, prev)
         alpha = a / a_prev
         beta = 1 - alpha
-        x0, _ = _x0_and_eps(x.double(), guided_eps(model, x, t, cond, guidance).double(), a, clip_x0)
+        x0, _ = _x0_and_eps(x.double(), denoiser(x, t).double(), a, clip_x0)
         mean = (a_prev.sqrt() * beta / (1 - a)) * x0 + (alpha.sqrt() * (1 - a_prev) / (1 - a)) * x.double()
         if prev >= 0:
             mean = mean + (beta * (1 - a_prev) / (1 - a)).sqrt() * _noise(x, generator).double()
@@ -120,11 +129,9 @@ def sample_ddpm(
 
 @torch.no_grad()
 def sample_dpmpp_2m(
-    model: Callable[..., torch.Tensor],
+    denoiser: Denoiser,
     x: torch.Tensor,
     timesteps: Sequence[int],
-    cond: dict[str, torch.Tensor],
-    guidance: float,
     alphas_cumprod: torch.Tensor,
     generator: torch.Generator | None = None,
     callback: Callback | None = None,
@@ -139,7 +146,7 @@ def sample_dpmpp_2m(
     for i, t in enumerate(steps):
         prev = steps[i + 1] if i + 1 < len(steps) else -1
         a, a_next = _abar(abars, t), _abar(abars, prev)
-        x0, _ = _x0_and_eps(x, guided_eps(model, x.float(), t, cond, guidance).double(), a, clip_x0)
+        x0, _ = _x0_and_eps(x, denoiser(x.float(), t).double(), a, clip_x0)
         if prev < 0:  # into abar = 1 (lambda = inf): the update reduces to the data prediction itself
             x = x0
         else:

@@ -36,7 +36,7 @@ RESUMABLE_CHANGES = (
     "torch_threads",
     "use_gpu",
     "max_failures",
-    "crash_at_step",
+    "step_hook",
 )
 METRIC_FIELDS = (
     "step",
@@ -167,6 +167,7 @@ def train_loop_per_worker(cfg: dict[str, Any]) -> None:
         opt.load_state_dict(state["optimizer"])
         step = int(state["step"])
     start_step = step
+    hook = step_hook(config.step_hook)
     ema.module.to(device)
     model = ray.train.torch.prepare_model(model)
     raw = unwrap(model)
@@ -215,15 +216,19 @@ def train_loop_per_worker(cfg: dict[str, Any]) -> None:
                 window = {"loss": 0.0, "n": 0, "wait": 0.0, "start": time.perf_counter()}
             if step >= config.steps:
                 break
-            if config.crash_at_step == step and rank == world - 1:
-                fs, marker = fsspec.core.url_to_fs(_join(config.output, ".crashed_once"))
-                if not fs.exists(marker):
-                    fs.touch(marker)
-                    time.sleep(
-                        2
-                    )  # let the controller register the reports so far, as it would before a real loss
-                    os.kill(os.getpid(), 9)  # SIGKILL: no cleanup, as a lost node would
+            if hook is not None:
+                hook(step=step, rank=rank, world=world, config=config)
             tic = time.perf_counter()
+
+
+def step_hook(name: str | None) -> Any:
+    """The callable a "module:function" step_hook names (None: no hook)."""
+    if not name:
+        return None
+    import importlib
+
+    module, _, function = name.partition(":")
+    return getattr(importlib.import_module(module), function)
 
 
 def _metrics_callback(config: TrainConfig) -> Any:

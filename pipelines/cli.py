@@ -411,120 +411,142 @@ def evaluate_command(args: argparse.Namespace) -> None:
     evaluate(config, attributes=attributes)
 
 
+def stage_command(args: argparse.Namespace) -> None:
+    """download, embed, index, aesthetic score/fit/subindex, neighbours: a config dataclass from the flags."""
+    config = config_from_args(args.config_cls, args)
+    if args.command == "download":
+        from pipelines.download import download
+
+        download(config, ray_address=args.ray_address)
+    elif args.command == "embed":
+        from pipelines.embed import embed
+
+        embed(config, ray_address=args.ray_address)
+    elif args.command == "index":
+        from pipelines.index import build
+
+        build(config, ray_address=args.ray_address)
+    elif args.command == "neighbours":
+        from pipelines.neighbours import compute
+
+        compute(config, ray_address=args.ray_address)
+    else:
+        from pipelines import aesthetic
+
+        if args.aesthetic_command == "score":
+            aesthetic.score(config)
+        elif args.aesthetic_command == "fit":
+            aesthetic.fit(config)
+        else:
+            aesthetic.subindex(config, ray_address=args.ray_address)
+
+
+def train_command(args: argparse.Namespace) -> None:
+    from diffusion.config import load_yaml
+    from diffusion.train import train
+
+    names = (
+        "db",
+        "neighbours",
+        "output",
+        "shards",
+        "steps",
+        "num_workers",
+        "use_gpu",
+        "batch_size_per_worker",
+    )
+    train(load_yaml(args.config, **{k: getattr(args, k) for k in names}), ray_address=args.ray_address)
+
+
+def sample_command(args: argparse.Namespace) -> None:
+    from diffusion.sample import SampleConfig, sample
+
+    names = (
+        "checkpoint",
+        "database",
+        "output",
+        "prompts",
+        "prompt_file",
+        "band",
+        "catalogue",
+        "k",
+        "guidance",
+    )
+    names += ("steps", "sampler", "seed", "num_per_prompt")
+    sample(SampleConfig(**{k: getattr(args, k) for k in names}, use_ema=args.ema))
+
+
+def serve_command(args: argparse.Namespace) -> None:
+    from retrieval.serve import ServeConfig, serve
+
+    serve(
+        ServeConfig(
+            db=args.db,
+            port=args.port,
+            host=args.host,
+            name=args.name,
+            allowed_hosts=tuple(args.allowed_host),
+            cors_origins=tuple(args.cors_origin),
+            allow_image_urls=args.allow_image_urls,
+            max_body_bytes=args.max_body_bytes,
+        )
+    )
+
+
+def app_command(args: argparse.Namespace) -> None:
+    from diffusion.app import AppConfig, run_app
+
+    names = (
+        "checkpoint",
+        "databases",
+        "catalogue",
+        "host",
+        "port",
+        "replicas",
+        "gpus_per_replica",
+        "max_batch_size",
+    )
+    run_app(AppConfig(**{k: getattr(args, k) for k in names}))
+
+
+def demo_command(args: argparse.Namespace) -> None:
+    from pipelines.demo import run_demo
+
+    run_demo(args.output, quick=args.quick, ray_address=args.ray_address)
+
+
+def run_command(args: argparse.Namespace) -> None:
+    from pipelines.run import load_config, run_pipeline
+
+    config = load_config(args.config, output=args.output, quick=args.quick)
+    config.ray_address = args.ray_address or config.ray_address
+    run_pipeline(config)
+
+
+COMMANDS = {
+    "download": stage_command,
+    "embed": stage_command,
+    "index": stage_command,
+    "aesthetic": stage_command,
+    "neighbours": stage_command,
+    "train": train_command,
+    "sample": sample_command,
+    "evaluate": evaluate_command,
+    "catalogue": catalogue_command,
+    "serve": serve_command,
+    "app": app_command,
+    "demo": demo_command,
+    "run": run_command,
+}
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s"
     )
     try:
-        if args.command == "download":
-            from pipelines.download import download
-
-            download(config_from_args(args.config_cls, args), ray_address=args.ray_address)
-        elif args.command == "embed":
-            from pipelines.embed import embed
-
-            embed(config_from_args(args.config_cls, args), ray_address=args.ray_address)
-        elif args.command == "index":
-            from pipelines.index import build
-
-            build(config_from_args(args.config_cls, args), ray_address=args.ray_address)
-        elif args.command == "aesthetic":
-            from pipelines import aesthetic
-
-            config = config_from_args(args.config_cls, args)
-            if args.aesthetic_command == "score":
-                aesthetic.score(config)
-            elif args.aesthetic_command == "fit":
-                aesthetic.fit(config)
-            else:
-                aesthetic.subindex(config, ray_address=args.ray_address)
-        elif args.command == "neighbours":
-            from pipelines.neighbours import compute
-
-            compute(config_from_args(args.config_cls, args), ray_address=args.ray_address)
-        elif args.command == "train":
-            from diffusion.config import load_yaml
-            from diffusion.train import train
-
-            overrides = {
-                k: getattr(args, k)
-                for k in (
-                    "db",
-                    "neighbours",
-                    "output",
-                    "shards",
-                    "steps",
-                    "num_workers",
-                    "use_gpu",
-                    "batch_size_per_worker",
-                )
-            }
-            train(load_yaml(args.config, **overrides), ray_address=args.ray_address)
-        elif args.command == "sample":
-            from diffusion.sample import SampleConfig, sample
-
-            config = SampleConfig(
-                checkpoint=args.checkpoint,
-                database=args.database,
-                output=args.output,
-                prompts=args.prompts,
-                prompt_file=args.prompt_file,
-                band=args.band,
-                catalogue=args.catalogue,
-                k=args.k,
-                guidance=args.guidance,
-                steps=args.steps,
-                sampler=args.sampler,
-                seed=args.seed,
-                num_per_prompt=args.num_per_prompt,
-                use_ema=args.ema,
-            )
-            sample(config)
-        elif args.command == "evaluate":
-            evaluate_command(args)
-        elif args.command == "catalogue":
-            catalogue_command(args)
-        elif args.command == "serve":
-            from retrieval.serve import ServeConfig, serve
-
-            serve(
-                ServeConfig(
-                    db=args.db,
-                    port=args.port,
-                    host=args.host,
-                    name=args.name,
-                    allowed_hosts=tuple(args.allowed_host),
-                    cors_origins=tuple(args.cors_origin),
-                    allow_image_urls=args.allow_image_urls,
-                    max_body_bytes=args.max_body_bytes,
-                )
-            )
-        elif args.command == "app":
-            from diffusion.app import AppConfig, run_app
-
-            run_app(
-                AppConfig(
-                    checkpoint=args.checkpoint,
-                    databases=args.databases,
-                    catalogue=args.catalogue,
-                    host=args.host,
-                    port=args.port,
-                    replicas=args.replicas,
-                    gpus_per_replica=args.gpus_per_replica,
-                    max_batch_size=args.max_batch_size,
-                )
-            )
-        elif args.command == "demo":
-            from pipelines.demo import run_demo
-
-            run_demo(args.output, quick=args.quick, ray_address=args.ray_address)
-        elif args.command == "run":
-            from pipelines.run import load_config, run_pipeline
-
-            config = load_config(args.config, output=args.output, quick=args.quick)
-            config.ray_address = args.ray_address or config.ray_address
-            run_pipeline(config)
+        COMMANDS[args.command](args)
     except (
         ValueError,
         OSError,

@@ -11,6 +11,14 @@ Output folder::
 
 Every later stage loads the result as ``open_clip:<output>/<config-name>.json/<output>/clip.pt`` through
 retrieval.clip_model.ClipEncoder. retrieval_accuracy() measures text<->image recall@k on held-out shards.
+
+How open_clip_train is driven (open_clip_torch 2.32.0 and webdataset 0.2.111, pinned in .ci/constraints.txt):
+through its public entry point, ``open_clip_train.main.main(argv)``, in a Ray task, with the command line a user
+would type. Three things that entry point cannot be told are patched for the duration of the call and undone
+after (_open_clip_train_patches): its shard reader dies on webdataset 0.2.96+'s end-of-shard marker (open_clip
+issue #935), its sample shuffle ignores --seed, and its logging setup stacks handlers on every call. The
+training losses are read from its out.log (parse_losses): 2.32 writes them nowhere else unless tensorboard or
+wandb is installed and asked for, and neither is a dependency here. Revisit all four when upgrading.
 """
 
 from __future__ import annotations
@@ -103,24 +111,7 @@ class ClipTrainConfig:
     """How often open_clip_train logs a progress line (loss, learning rate, samples/s)."""
 
     def __post_init__(self) -> None:
-        for name in ("shards", "output"):
-            value = getattr(self, name)
-            if not value:
-                raise ValueError(f"--{name} must name a folder")
-            if "://" in value:
-                raise ValueError(
-                    f"--{name} {value!r}: open_clip_train reads and writes local files; pass a local or mounted folder"
-                )
-        for ch in ("{", "}", "::"):
-            if ch in self.shards:
-                raise ValueError(
-                    f"--shards {self.shards!r} contains {ch!r}, which webdataset expands in shard lists; rename the folder"
-                )
-        if ".json/" in self.output or self.output.endswith(".json"):
-            raise ValueError(
-                f"--output {self.output!r}: a folder name containing '.json' would make the clip-retrieval name "
-                "ambiguous; choose another folder name"
-            )
+        self._check_paths()
         for name in ("epochs", "batch_size", "log_every_n_steps"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"--{name.replace('_', '-')} must be positive, got {getattr(self, name)}")
@@ -134,17 +125,42 @@ class ClipTrainConfig:
             raise ValueError(f"--holdout-fraction must be in [0, 1), got {self.holdout_fraction}")
         if self.num_workers < 0:
             raise ValueError(f"--num-workers must be >= 0, got {self.num_workers}")
-        if self.precision not in PRECISIONS:
-            raise ValueError(f"--precision must be one of {PRECISIONS}, got {self.precision!r}")
-        if self.precision == "amp" and not self.use_gpu:
-            raise ValueError(
-                "--precision amp (float16 autocast with a gradient scaler) needs --use-gpu; use fp32 or amp_bf16 on CPUs"
-            )
+        self._check_precision()
         for name in ("image_size", "context_length"):
             value = getattr(self, name)
             if value is not None and value <= 0:
                 raise ValueError(f"--{name.replace('_', '-')} must be positive, got {value}")
         self.model_config()  # fails now on an unknown name, a missing file or an image size the patches don't tile
+
+    def _check_precision(self) -> None:
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"--precision must be one of {PRECISIONS}, got {self.precision!r}")
+        if self.precision == "amp" and not self.use_gpu:
+            raise ValueError(
+                "--precision amp (float16 autocast with a gradient scaler) needs --use-gpu; "
+                "use fp32 or amp_bf16 on CPUs"
+            )
+
+    def _check_paths(self) -> None:
+        for name in ("shards", "output"):
+            value = getattr(self, name)
+            if not value:
+                raise ValueError(f"--{name} must name a folder")
+            if "://" in value:
+                raise ValueError(
+                    f"--{name} {value!r}: open_clip_train reads and writes local files; pass a local or mounted folder"
+                )
+        for ch in ("{", "}", "::"):
+            if ch in self.shards:
+                raise ValueError(
+                    f"--shards {self.shards!r} contains {ch!r}, which webdataset expands in shard lists; "
+                    "rename the folder"
+                )
+        if ".json/" in self.output or self.output.endswith(".json"):
+            raise ValueError(
+                f"--output {self.output!r}: a folder name containing '.json' would make the clip-retrieval name "
+                "ambiguous; choose another folder name"
+            )
 
     def config_name(self) -> str:
         """The name the model config is saved and registered under: its JSON stem or open_clip name, plus overrides."""

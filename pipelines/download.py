@@ -238,7 +238,8 @@ class GuardedResizer(Resizer):
                 None,
                 None,
                 (
-                    f"decompression bomb refused: {width}x{height} pixels > limit {self.max_pixels} (--max-image-pixels)"
+                    f"decompression bomb refused: {width}x{height} pixels > limit {self.max_pixels} "
+                    "(--max-image-pixels)"
                 ),
             )
         img_stream.seek(0)

@@ -119,7 +119,8 @@ def build(config: IndexConfig, ray_address: str | None = None) -> dict[str, Any]
     infos = ray.get(task.remote(dataclasses.replace(config, nb_cores=cores)))
     print(
         f"index: {infos.get('nb vectors')} vectors, {infos.get('index_key')} ({infos.get('index_param')}), "
-        f"{infos.get('size in bytes', 0) / 2**20:.1f} MiB, {infos.get('avg_search_speed_ms', float('nan')):.2f} ms/query "
+        f"{infos.get('size in bytes', 0) / 2**20:.1f} MiB, "
+        f"{infos.get('avg_search_speed_ms', float('nan')):.2f} ms/query "
         f"in {time.time() - start:.1f}s -> {config.db}/{index_file_names(config.modality)[0]}",
         flush=True,
     )

@@ -10,7 +10,6 @@ aesthetic bands; the aesthetic head; the generator's loss curve.
 from __future__ import annotations
 
 import html
-import json
 import os
 import shutil
 from typing import Any
@@ -40,60 +39,26 @@ def _img(src: str, alt: str, height: int = 96) -> str:
     return f'<img src="{html.escape(src)}" alt="{html.escape(alt)}" style="height:{height}px">'
 
 
-def write_report(
-    out: str,
-    config: Any,
-    timings: dict[str, dict[str, Any]],
-    clip: dict[str, Any],
-    aesthetic: dict[str, Any],
-    trained: dict[str, Any],
-    samples: dict[str, Any],
-    evaluation: dict[str, Any],
-) -> str:
-    """Write report.html (atomically) and its pictures; returns the report's path."""
-    accuracy = evaluation["retrieval"]
-    pics = os.path.join(out, "report")
-    os.makedirs(pics, exist_ok=True)
-    prompts = list(config.sample.prompts)
-    cells: dict[
-        str, dict[str, list[str]]
-    ] = {}  # target -> {"samples": [src per prompt], "neighbours": [...]}
-    records: dict[str, dict[str, Any]] = {}
+def _sample_cells(out: str, samples: dict[str, Any], num_prompts: int) -> dict[str, dict[str, list[str]]]:
+    """Cut each target's grid.png and neighbours.png into one picture per prompt under report/:
+    target -> {"grid": [src per prompt], "neighbours": [...]}."""
+    cells: dict[str, dict[str, list[str]]] = {}
     for name, target in samples["targets"].items():
-        folder = target["folder"]
-        with open(os.path.join(folder, "samples.json")) as f:
-            records[name] = json.load(f)
         cells[name] = {}
         for kind in ("grid", "neighbours"):
-            path = os.path.join(folder, f"{kind}.png")
+            path = os.path.join(target["folder"], f"{kind}.png")
             if not os.path.exists(path):
                 continue
             srcs = []
-            for i, row in enumerate(grid_rows(path, len(prompts))):
+            for i, row in enumerate(grid_rows(path, num_prompts)):
                 src = f"report/{name}_{kind}_{i}.png"
                 _save(row, os.path.join(out, src))
                 srcs.append(src)
             cells[name][kind] = srcs
-    loss_src = "report/loss.png"
-    if os.path.exists(os.path.join(out, "run", "loss.png")):
-        shutil.copyfile(os.path.join(out, "run", "loss.png"), os.path.join(out, loss_src))
+    return cells
 
-    h: list[str] = []
-    add = h.append
-    add("<!doctype html><html><head><meta charset='utf-8'><title>kNN-Diffusion report</title><style>")
-    add(
-        "body{font-family:sans-serif;max-width:1400px;margin:2em auto;padding:0 1em}"
-        "table{border-collapse:collapse;margin:1em 0}td,th{border:1px solid #ccc;padding:4px 8px;"
-        "vertical-align:middle;text-align:left}img{image-rendering:pixelated}.p{max-width:260px}"
-        "caption{text-align:left;color:#555;padding:4px 0}"
-    )
-    add("</style></head><body><h1>kNN-Diffusion: pipeline report</h1>")
-    add(
-        f"<p>Output folder <code>{html.escape(out)}</code>; config <code>config.yaml</code> beside this file.</p>"
-    )
 
-    _evaluation_section(add, out, evaluation["generators"])
-
+def _stages_section(add: Any, timings: dict[str, dict[str, Any]]) -> None:
     add("<h2>Stages</h2><table><tr><th>stage</th><th>wall time</th><th></th></tr>")
     for stage, t in timings.items():
         note = "skipped now (finished in an earlier run)" if t["skipped"] else ""
@@ -101,11 +66,13 @@ def write_report(
     total = sum(t["seconds"] for t in timings.values())
     add(f"<tr><th>total</th><th>{total:.1f} s</th><th></th></tr></table>")
 
+
+def _encoder_section(add: Any, clip: dict[str, Any], accuracy: dict[str, Any], fitted: bool) -> None:
     add("<h2>Encoder: text &rarr; image retrieval on held-out captions</h2>")
     add(
         f"<p>CLIP <code>{html.escape(clip['clip_model'])}</code>, on the {accuracy['num_pairs']} (caption, image) "
         "pairs of the held-out shards"
-        + (", which the CLIP fitted here never saw in training" if config.clip.model == "fit" else "")
+        + (", which the CLIP fitted here never saw in training" if fitted else "")
         + ". Recall@k: the caption's own image is among the k nearest of all held-out images.</p>"
         "<table><tr><th></th>"
     )
@@ -120,51 +87,57 @@ def write_report(
             add(f"<tr><td>{label}</td>" + "".join(f"<td>{accuracy[key][k]:.3f}</td>" for k in ks) + "</tr>")
     add("</table>")
 
-    def sample_table(names: list[str], title: str, headers: list[str], show_neighbours: bool) -> None:
-        add(f"<h2>{title}</h2><table><tr><th>prompt</th>")
-        for head in headers:
-            add(f"<th>{html.escape(head)}</th>")
-            if show_neighbours:
-                add(f"<th>{html.escape(head)}: retrieved neighbours</th>")
-        add("</tr>")
-        for i, prompt in enumerate(prompts):
-            add(f"<tr><td class='p'>{html.escape(prompt)}</td>")
-            for name in names:
-                c = cells.get(name, {})
-                add(f"<td>{_img(c['grid'][i], prompt) if 'grid' in c else ''}</td>")
-                if show_neighbours:
-                    add(f"<td>{_img(c['neighbours'][i], 'neighbours', 48) if 'neighbours' in c else ''}</td>")
-            add("</tr>")
-        add("</table>")
 
+def _sample_table(
+    add: Any, cells: dict[str, dict[str, list[str]]], prompts: list[str], names: list[str], title: str,
+    headers: list[str],
+) -> None:  # fmt: skip
+    """A row per prompt; for each target a column of samples and one of the neighbours that conditioned them."""
+    add(f"<h2>{title}</h2><table><tr><th>prompt</th>")
+    for head in headers:
+        add(f"<th>{html.escape(head)}</th><th>{html.escape(head)}: retrieved neighbours</th>")
+    add("</tr>")
+    for i, prompt in enumerate(prompts):
+        add(f"<tr><td class='p'>{html.escape(prompt)}</td>")
+        for name in names:
+            c = cells.get(name, {})
+            add(f"<td>{_img(c['grid'][i], prompt) if 'grid' in c else ''}</td>")
+            add(f"<td>{_img(c['neighbours'][i], 'neighbours', 48) if 'neighbours' in c else ''}</td>")
+        add("</tr>")
+    add("</table>")
+
+
+def _band_label(b: dict[str, Any]) -> str:
+    lo = "-inf" if b["lower"] is None else f"{b['lower']:.2f}"
+    hi = "inf" if b["upper"] is None else f"{b['upper']:.2f}"
+    return f"{b['name']}: [{lo}, {hi}), {b['count']} images"
+
+
+def _samples_sections(add: Any, config: Any, cells: dict[str, Any], bands: list[dict[str, Any]]) -> None:
+    prompts = list(config.sample.prompts)
     gen = config.generator
     add(
         f"<p>Generator: preset {gen.preset}, {gen.steps} steps; samples with guidance {config.sample.guidance}, "
-        f"{config.sample.steps} {config.sample.sampler} steps, seed {config.sample.seed}. Each row's condition is the "
-        "prompt's CLIP text embedding plus the image embeddings of its k nearest images in the database named.</p>"
+        f"{config.sample.steps} {config.sample.sampler} steps, seed {config.sample.seed}. Each row's condition is "
+        "the prompt's CLIP text embedding plus the image embeddings of its k nearest images in the database named.</p>"
     )
-    sample_table(["main"], "Samples (main database)", ["samples"], show_neighbours=True)
+    _sample_table(add, cells, prompts, ["main"], "Samples (main database)", ["samples"])
     if "ood" in cells:
-        sample_table(
-            ["main", "ood"],
+        _sample_table(
+            add, cells, prompts, ["main", "ood"],
             "Database swap: the same model and prompts, neighbours from the second database",
             [f"main database ({config.data.style})", f"second database ({config.data.ood_style})"],
-            show_neighbours=True,
-        )
-    bands = [b for b in aesthetic["bands"] if f"band_{b['name']}" in cells]
+        )  # fmt: skip
+    bands = [b for b in bands if f"band_{b['name']}" in cells]
     if bands:
-
-        def bounds(b: dict[str, Any]) -> str:
-            lo = "-inf" if b["lower"] is None else f"{b['lower']:.2f}"
-            hi = "inf" if b["upper"] is None else f"{b['upper']:.2f}"
-            return f"{b['name']}: [{lo}, {hi}), {b['count']} images"
-
-        sample_table(
-            [f"band_{b['name']}" for b in bands],
+        _sample_table(
+            add, cells, prompts, [f"band_{b['name']}" for b in bands],
             "Aesthetic bands: neighbours retrieved only from one band (lowest to highest)",
-            [bounds(b) for b in bands],
-            show_neighbours=True,
-        )
+            [_band_label(b) for b in bands],
+        )  # fmt: skip
+
+
+def _training_sections(add: Any, out: str, aesthetic: dict[str, Any], trained: dict[str, Any]) -> None:
     fit = aesthetic.get("fit") or {}
     add(f"<h2>Aesthetic head</h2><p>Head <code>{html.escape(str(aesthetic['head']))}</code>.")
     if fit:
@@ -177,8 +150,43 @@ def write_report(
         f"<h2>Generator training</h2><p>Final loss {trained['loss']:.4f}, {trained['samples_per_s']:.0f} samples/s, "
         f"data wait {trained['data_wait_fraction']:.1%}.</p>"
     )
-    if os.path.exists(os.path.join(out, loss_src)):
+    loss_src = "report/loss.png"
+    if os.path.exists(os.path.join(out, "run", "loss.png")):
+        shutil.copyfile(os.path.join(out, "run", "loss.png"), os.path.join(out, loss_src))
         add(_img(loss_src, "training loss", 360))
+
+
+def write_report(
+    out: str,
+    config: Any,
+    timings: dict[str, dict[str, Any]],
+    clip: dict[str, Any],
+    aesthetic: dict[str, Any],
+    trained: dict[str, Any],
+    samples: dict[str, Any],
+    evaluation: dict[str, Any],
+) -> str:
+    """Write report.html (atomically) and its pictures; returns the report's path."""
+    os.makedirs(os.path.join(out, "report"), exist_ok=True)
+    cells = _sample_cells(out, samples, len(config.sample.prompts))
+    h: list[str] = []
+    add = h.append
+    add("<!doctype html><html><head><meta charset='utf-8'><title>kNN-Diffusion report</title><style>")
+    add(
+        "body{font-family:sans-serif;max-width:1400px;margin:2em auto;padding:0 1em}"
+        "table{border-collapse:collapse;margin:1em 0}td,th{border:1px solid #ccc;padding:4px 8px;"
+        "vertical-align:middle;text-align:left}img{image-rendering:pixelated}.p{max-width:260px}"
+        "caption{text-align:left;color:#555;padding:4px 0}"
+    )
+    add("</style></head><body><h1>kNN-Diffusion: pipeline report</h1>")
+    add(
+        f"<p>Output folder <code>{html.escape(out)}</code>; config <code>config.yaml</code> beside this file.</p>"
+    )
+    _evaluation_section(add, out, evaluation["generators"])
+    _stages_section(add, timings)
+    _encoder_section(add, clip, evaluation["retrieval"], config.clip.model == "fit")
+    _samples_sections(add, config, cells, aesthetic["bands"])
+    _training_sections(add, out, aesthetic, trained)
     add("</body></html>")
     path = os.path.join(out, "report.html")
     write_atomic(path, "\n".join(h).encode())
@@ -195,7 +203,8 @@ def _evaluation_section(add: Any, out: str, record: dict[str, Any]) -> None:
     add(
         f"<p>{record['num_prompts']} captions of held-out images (parts {', '.join(record['heldout_parts'])}, which no "
         f"generator trained on), one sample each, {record['steps']} {html.escape(record['sampler'])} steps, guidance "
-        f"{record['guidance']}, seed {record['seed']}. A kNN model's neighbours never include a held-out image. Fréchet "
+        f"{record['guidance']}, seed {record['seed']}. "
+        "A kNN model's neighbours never include a held-out image. Fréchet "
         f"distance (FD) and KID against the {record['num_real']} held-out images and CLIP score use the image "
         f"features of <code>{html.escape(record['eval_clip_model'])}</code>"
         + (

@@ -17,15 +17,16 @@ Stages, in order (each is the toolkit's own stage function; nothing is special-c
               no-kNN; and the encoder's text->image retrieval accuracy on the same held-out shards
   report      report.html with the pictures
 
-Every stage writes <output>/manifests/<stage>.json last, with its settings, inputs, outputs and wall time. A
-rerun skips a stage whose manifest holds the same settings, and refuses one whose settings changed (naming
-them), so nothing already made is overwritten by a different run. The demo is this config with its defaults.
+Every stage writes <output>/manifests/<stage>.json last, with its settings, inputs, outputs, wall time and the
+ids of the stages it depends on (pipelines/stages.py). A rerun skips a stage whose manifest holds the same
+settings and dependencies, and refuses one whose settings changed or whose dependency was redone (naming
+them), so nothing already made is overwritten by a different run; stages that do not depend on a redone stage
+are unaffected. The demo is this config with its defaults.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import math
 import os
@@ -33,7 +34,6 @@ import shutil
 import time
 import types
 import typing
-import uuid
 from collections.abc import Callable
 from typing import Any, TypeVar
 
@@ -401,56 +401,25 @@ class Pipeline:
     """Runs the stages of a PipelineConfig in order, each once (see the module docstring)."""
 
     def __init__(self, config: PipelineConfig) -> None:
+        from pipelines.stages import StageRunner
+
         self.config = config
         self.out = os.path.abspath(config.output)
-        self.timings: dict[str, dict[str, Any]] = {}
-        self.previous = ""  # the id of the last stage run or skipped: each stage's settings include it
+        self.runner = StageRunner(self.path("manifests"))
+        self.timings = self.runner.timings
 
     def path(self, *parts: str) -> str:
         return os.path.join(self.out, *parts)
 
-    def stage(self, name: str, settings: dict[str, Any], fn: Callable[[], dict[str, Any]]) -> dict[str, Any]:
-        """Run fn once: skipped when its manifest records the same settings; refused when they changed."""
-        manifest = self.path("manifests", f"{name}.json")
-        # The stage before this one is part of the settings: when it was redone, what this stage made from
-        # its outputs is stale, and the chain carries that down to every later stage.
-        settings = json.loads(json.dumps({**settings, "after": self.previous}))  # as it is on disk
-        if os.path.exists(manifest):
-            with open(manifest) as f:
-                done = json.load(f)
-            if done["settings"] == settings:
-                print(f"[{name}] done earlier in {done['seconds']:.1f}s; skipped", flush=True)
-                self.timings[name] = {"seconds": done["seconds"], "skipped": True}
-                self.previous = done["id"]
-                return done["result"]
-            changed = sorted(
-                "an earlier stage, redone since" if k == "after" else k
-                for k in set(settings) | set(done["settings"])
-                if settings.get(k) != done["settings"].get(k)
-            )
-            raise ValueError(
-                f"stage {name} in {self.out} ran with other settings ({changed}); use another --output, or "
-                f"delete {manifest} and the stage's outputs ({', '.join(done['outputs']) or 'none'}) to redo it"
-            )
-        print(f"[{name}] ...", flush=True)
-        start = time.time()
-        result = fn()
-        seconds = time.time() - start
-        record = {
-            "stage": name,
-            "settings": settings,
-            "inputs": result.pop("inputs", []),
-            "outputs": result.pop("outputs", []),
-            "result": result,
-            "seconds": seconds,
-            "finished": time.strftime("%Y-%m-%dT%H:%M:%S"),
-            "id": uuid.uuid4().hex,
-        }
-        atomic_write_bytes(fsspec.filesystem("file"), manifest, json.dumps(record, indent=2).encode())
-        self.timings[name] = {"seconds": seconds, "skipped": False}
-        self.previous = record["id"]
-        print(f"[{name}] finished in {seconds:.1f}s", flush=True)
-        return result
+    def stage(
+        self,
+        name: str,
+        settings: dict[str, Any],
+        fn: Callable[[], dict[str, Any]],
+        deps: tuple[str, ...] = (),
+    ) -> dict[str, Any]:
+        """Run fn once (pipelines/stages.py): skipped when done with these settings and these dependencies."""
+        return self.runner.run(name, settings, fn, deps)
 
     # -------------------------------------------------------------------------------------------- the run
 
@@ -462,29 +431,38 @@ class Pipeline:
         os.makedirs(self.out, exist_ok=True)
         init_ray(c.ray_address)
         dbs = self.databases()
-        # Each stage's settings are its own section: what came before reaches it through the chain of
-        # manifest ids (Pipeline.stage), so a change upstream is refused upstream.
+        # Each stage's settings are its own section; the stages it reads from are its dependencies, whose
+        # manifest ids it records (pipelines/stages.py): redoing a stage invalidates only what was made from it.
         data = dataclasses.asdict(c.data)
         self.stage("data", data, self.make_data)
-        self.stage("download", data, self.download)
-        clip = self.stage("clip", dataclasses.asdict(c.clip), self.clip)
+        self.stage("download", data, self.download, deps=("data",))
+        clip = self.stage("clip", dataclasses.asdict(c.clip), self.clip, deps=("download",))
         encoder = {"clip_model": clip["clip_model"]}
-        self.stage("embed", encoder, lambda: self.embed(clip["clip_model"]))
-        self.stage("index", encoder, self.index)
-        aesthetic = self.stage("aesthetic", dataclasses.asdict(c.aesthetic), self.aesthetic)
+        self.stage("embed", encoder, lambda: self.embed(clip["clip_model"]), deps=("download", "clip"))
+        self.stage("index", encoder, self.index, deps=("embed",))
+        aesthetic = self.stage(
+            "aesthetic", dataclasses.asdict(c.aesthetic), self.aesthetic, deps=("embed", "index")
+        )
         model = self.model_config()
-        self.stage("neighbours", {"k": model.k}, lambda: self.neighbours(model.k))
+        self.stage("neighbours", {"k": model.k}, lambda: self.neighbours(model.k), deps=("embed", "index"))
         heldout = [os.path.basename(tar)[: -len(".tar")] for tar in clip["holdout_shards"]]
         trained = self.stage(
             "train",
             {**dataclasses.asdict(c.generator), "heldout": heldout},
             lambda: self.train(model, heldout),
+            deps=("download", "clip", "embed", "neighbours"),
         )
-        samples = self.stage("sample", dataclasses.asdict(c.sample), lambda: self.sample(aesthetic["bands"]))
+        samples = self.stage(
+            "sample",
+            dataclasses.asdict(c.sample),
+            lambda: self.sample(aesthetic["bands"]),
+            deps=("train", "index", "aesthetic"),
+        )
         evaluation = self.stage(
             "evaluate",
             {**dataclasses.asdict(c.evaluate), **encoder},
             lambda: self.evaluate(clip, trained, heldout),
+            deps=("train", "clip", "index"),
         )
         from pipelines.report import write_report
 

@@ -286,7 +286,8 @@ class Database:
             self.ids[np.minimum(rows, len(self.ids) - 1)] != image_ids
         ).any():
             raise KeyError(
-                f"image ids not in {self.path}: {image_ids[self.ids[np.minimum(rows, len(self.ids) - 1)] != image_ids][:5]}"
+                f"image ids not in {self.path}: "
+                f"{image_ids[self.ids[np.minimum(rows, len(self.ids) - 1)] != image_ids][:5]}"
             )
         return rows
 

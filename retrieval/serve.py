@@ -136,12 +136,63 @@ def _host_check(wsgi_app: Any, trusted: list[str]) -> Any:
     return app
 
 
+def _fetch_image_url(body: dict[str, Any], config: ServeConfig, opener: Any) -> tuple[dict, int] | None:
+    """Replace body["image_url"] by the fetched image (base64 in body["image"]); an error answer when refused."""
+    if body.get("image_url") is None:
+        return None
+    if not config.allow_image_urls:
+        return {
+            "error": "image_url queries are off on this service (start serve with --allow-image-urls "
+            "to fetch public http(s) images); send the image itself as base64 in 'image'"
+        }, 400
+    try:
+        with opener.open(str(body["image_url"]), timeout=config.fetch_timeout) as r:
+            body["image"] = base64.b64encode(r.read()).decode()
+    except (OSError, ValueError) as err:
+        return {"error": f"image_url not fetched: {err}"}, 400
+    return None
+
+
+def _check_query(
+    body: dict[str, Any], config: ServeConfig, resources: dict[str, Any]
+) -> tuple[dict, int] | None:
+    indice = body.get("indice_name") or config.name
+    if indice not in resources:
+        return {"error": f"unknown indice_name {indice!r}; this service has {sorted(resources)}"}, 404
+    if body.get("modality", "image") != "image":
+        return {"error": "modality must be image (this service indexes image embeddings)"}, 400
+    return None
+
+
+def _query(service: Any, body: dict[str, Any], default_name: str) -> Any:
+    """clip_back's query() on a checked body; malformed values and decompression bombs answer 400."""
+    from PIL import Image
+
+    try:
+        num_images = int(body.get("num_images", 10))
+        if not 0 < num_images <= 10_000:
+            raise ValueError(f"num_images must be in 1..10000, got {num_images}")
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            return service.query(
+                text_input=body.get("text"),
+                image_input=body.get("image"),
+                embedding_input=body.get("embedding_input"),
+                modality="image",
+                num_images=num_images,
+                num_result_ids=int(body.get("num_result_ids", num_images)),
+                indice_name=body.get("indice_name") or default_name,
+                deduplicate=bool(body.get("deduplicate", False)),
+            )
+    except BAD_INPUT + (Image.DecompressionBombError, Image.DecompressionBombWarning) as err:
+        return {"error": f"bad query: {type(err).__name__}: {err}"}, 400
+
+
 def make_app(config: ServeConfig, resources: dict[str, Any] | None = None) -> Any:
     """The Flask app serving config.db under config.name (resources: prebuilt ClipResources, for tests)."""
     from clip_retrieval.clip_back import Health, IndicesList, KnnService, MetadataService
     from flask import Flask, request
     from flask_restful import Api
-    from PIL import Image
 
     from retrieval.safe_fetch import FetchPolicy, guarded_opener
 
@@ -157,40 +208,8 @@ def make_app(config: ServeConfig, resources: dict[str, Any] | None = None) -> An
             body = request.get_json(force=True, silent=True)
             if not isinstance(body, dict):
                 return {"error": "the body must be a JSON object"}, 400
-            if body.get("image_url") is not None:
-                if not config.allow_image_urls:
-                    return {
-                        "error": "image_url queries are off on this service (start serve with --allow-image-urls "
-                        "to fetch public http(s) images); send the image itself as base64 in 'image'"
-                    }, 400
-                try:
-                    with opener.open(str(body["image_url"]), timeout=config.fetch_timeout) as r:
-                        body["image"] = base64.b64encode(r.read()).decode()
-                except (OSError, ValueError) as err:
-                    return {"error": f"image_url not fetched: {err}"}, 400
-            indice = body.get("indice_name") or config.name
-            if indice not in resources:
-                return {"error": f"unknown indice_name {indice!r}; this service has {sorted(resources)}"}, 404
-            if body.get("modality", "image") != "image":
-                return {"error": "modality must be image (this service indexes image embeddings)"}, 400
-            try:
-                num_images = int(body.get("num_images", 10))
-                if not 0 < num_images <= 10_000:
-                    raise ValueError(f"num_images must be in 1..10000, got {num_images}")
-                with warnings.catch_warnings():
-                    warnings.simplefilter("error", Image.DecompressionBombWarning)
-                    return self.query(
-                        text_input=body.get("text"),
-                        image_input=body.get("image"),
-                        embedding_input=body.get("embedding_input"),
-                        modality="image",
-                        num_images=num_images,
-                        num_result_ids=int(body.get("num_result_ids", num_images)),
-                        indice_name=indice,
-                        deduplicate=bool(body.get("deduplicate", False)),
-                    )
-            except BAD_INPUT + (Image.DecompressionBombError, Image.DecompressionBombWarning) as err:
-                return {"error": f"bad query: {type(err).__name__}: {err}"}, 400
+            refused = _fetch_image_url(body, config, opener) or _check_query(body, config, resources)
+            return refused or _query(self, body, config.name)
 
     class StrictMetadataService(MetadataService):
         def post(self) -> Any:

@@ -9,6 +9,7 @@ import struct
 import threading
 import time
 import zlib
+from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler
 from urllib.parse import parse_qs, urlsplit
 
@@ -38,10 +39,42 @@ def png_header(width: int, height: int) -> bytes:
     )
 
 
+class _Handler(BaseHTTPRequestHandler):
+    """Answers GET from the routes of its ImageServer (set as the class attribute `server_state`)."""
+
+    protocol_version = "HTTP/1.0"
+    server_state: ImageServer
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+    def send(self, code: int, body: bytes, ctype: str = "image/jpeg", length: bool = True) -> None:
+        self.send_response(code)
+        self.send_header("Content-Type", ctype)
+        if length:
+            self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        with contextlib.suppress(
+            BrokenPipeError, ConnectionResetError
+        ):  # clients give up first (caps, timeouts)
+            self.wfile.write(body)
+
+    def do_GET(self) -> None:  # noqa: N802
+        parts = urlsplit(self.path)
+        state = self.server_state
+        with state._lock:
+            state.hits[parts.path] = state.hits.get(parts.path, 0) + 1
+        route = state.routes.get("/img/" if parts.path.startswith("/img/") else parts.path)
+        if route is None:
+            self.send(404, b"not found", "text/plain")
+        else:
+            route(self, parts.path, parse_qs(parts.query))
+
+
 class ImageServer(LocalServer):
     """Routes: /img/<i>.jpg, /missing (404), /slow (sleeps), /corrupt.jpg, /page.html, /huge (chunk-less, no
-    Content-Length), /huge-declared (large Content-Length), /bomb.png, /bomb-header.png (20000 x 20000 declared), /redirect?to=<url>, /drip (one byte every
-    drip_seconds, each well within any socket timeout).
+    Content-Length), /huge-declared (large Content-Length), /bomb.png, /bomb-header.png (20000 x 20000 declared),
+    /redirect?to=<url>, /drip (one byte every drip_seconds, each well within any socket timeout).
     /img/<i>.jpg?delay=<s> answers after a delay (for interrupt tests)."""
 
     def __init__(
@@ -57,70 +90,53 @@ class ImageServer(LocalServer):
         self.bomb = make_bomb_png(bomb_side)
         self.hits: dict[str, int] = {}
         self._lock = threading.Lock()
-        server = self
+        self.routes: dict[str, Callable[[_Handler, str, dict[str, list[str]]], None]] = {
+            "/img/": self._image,
+            "/slow": self._slow,
+            "/corrupt.jpg": lambda h, p, q: h.send(
+                200, b"\xff\xd8\xff\xe0" + hashlib.sha256(b"x").digest() * 20
+            ),
+            "/page.html": lambda h, p, q: h.send(200, b"<html><body>not an image</body></html>", "text/html"),
+            "/huge": lambda h, p, q: h.send(200, b"\x00" * self.huge_bytes, length=False),
+            "/huge-declared": self._huge_declared,
+            "/drip": self._drip,
+            "/bomb-header.png": lambda h, p, q: h.send(200, png_header(20_000, 20_000), "image/png"),
+            "/bomb.png": lambda h, p, q: h.send(200, self.bomb, "image/png"),
+            "/redirect": self._redirect,
+        }
+        super().__init__(type("Handler", (_Handler,), {"server_state": self}))
 
-        class Handler(BaseHTTPRequestHandler):
-            protocol_version = "HTTP/1.0"
+    def _image(self, h: _Handler, path: str, query: dict[str, list[str]]) -> None:
+        if "delay" in query:
+            time.sleep(float(query["delay"][0]))
+        h.send(200, make_image(int(path[5:].split(".")[0])))
 
-            def log_message(self, *args: object) -> None:
-                pass
+    def _slow(self, h: _Handler, path: str, query: dict[str, list[str]]) -> None:
+        time.sleep(self.slow_seconds)
+        h.send(200, make_image(0))
 
-            def _send(self, code: int, body: bytes, ctype: str, length: bool = True) -> None:
-                self.send_response(code)
-                self.send_header("Content-Type", ctype)
-                if length:
-                    self.send_header("Content-Length", str(len(body)))
-                self.end_headers()
-                # the client may give up first (timeouts, size caps): expected here
-                with contextlib.suppress(BrokenPipeError, ConnectionResetError):
-                    self.wfile.write(body)
+    def _huge_declared(self, h: _Handler, path: str, query: dict[str, list[str]]) -> None:
+        h.send_response(200)
+        h.send_header("Content-Length", str(self.huge_bytes))
+        h.end_headers()
+        with contextlib.suppress(BrokenPipeError, ConnectionResetError):
+            h.wfile.write(b"\x00" * 1024)
 
-            def do_GET(self) -> None:  # noqa: N802
-                parts = urlsplit(self.path)
-                query = parse_qs(parts.query)
-                path = parts.path
-                with server._lock:
-                    server.hits[path] = server.hits.get(path, 0) + 1
-                if path.startswith("/img/"):
-                    if "delay" in query:
-                        time.sleep(float(query["delay"][0]))
-                    self._send(200, make_image(int(path[5:].split(".")[0])), "image/jpeg")
-                elif path == "/slow":
-                    time.sleep(server.slow_seconds)
-                    self._send(200, make_image(0), "image/jpeg")
-                elif path == "/corrupt.jpg":
-                    self._send(200, b"\xff\xd8\xff\xe0" + hashlib.sha256(b"x").digest() * 20, "image/jpeg")
-                elif path == "/page.html":
-                    self._send(200, b"<html><body>not an image</body></html>", "text/html")
-                elif path == "/huge":
-                    self._send(200, b"\x00" * server.huge_bytes, "image/jpeg", length=False)
-                elif path == "/huge-declared":
-                    self.send_response(200)
-                    self.send_header("Content-Length", str(server.huge_bytes))
-                    self.end_headers()
-                    self.wfile.write(b"\x00" * 1024)
-                elif path == "/drip":
-                    self.send_response(200)
-                    self.send_header("Content-Length", "1000")
-                    self.end_headers()
-                    with contextlib.suppress(BrokenPipeError, ConnectionResetError):
-                        for _ in range(1000):
-                            self.wfile.write(b"\x00")
-                            self.wfile.flush()
-                            time.sleep(server.drip_seconds)
-                elif path == "/bomb-header.png":
-                    self._send(200, png_header(20_000, 20_000), "image/png")
-                elif path == "/bomb.png":
-                    self._send(200, server.bomb, "image/png")
-                elif path == "/redirect":
-                    self.send_response(302)
-                    self.send_header("Location", query["to"][0])
-                    self.send_header("Content-Length", "0")
-                    self.end_headers()
-                else:
-                    self._send(404, b"not found", "text/plain")
+    def _drip(self, h: _Handler, path: str, query: dict[str, list[str]]) -> None:
+        h.send_response(200)
+        h.send_header("Content-Length", "1000")
+        h.end_headers()
+        with contextlib.suppress(BrokenPipeError, ConnectionResetError):
+            for _ in range(1000):
+                h.wfile.write(b"\x00")
+                h.wfile.flush()
+                time.sleep(self.drip_seconds)
 
-        super().__init__(Handler)
+    def _redirect(self, h: _Handler, path: str, query: dict[str, list[str]]) -> None:
+        h.send_response(302)
+        h.send_header("Location", query["to"][0])
+        h.send_header("Content-Length", "0")
+        h.end_headers()
 
     def image_url(self, index: int, delay: float | None = None) -> str:
         return f"{self.base}/img/{index}.jpg" + (f"?delay={delay}" if delay else "")

@@ -9,7 +9,7 @@ from diffusion.config import ModelConfig, load_yaml, model_config
 from diffusion.loss import diffusion_loss
 from diffusion.model import build_network
 from diffusion.precond import EpsDenoiser, eps_from_output, prediction_target
-from diffusion.samplers import guided_eps, sample_ddim, sample_ddpm, sample_dpmpp_2m
+from diffusion.samplers import CFGDenoiser, sample_ddim, sample_ddpm, sample_dpmpp_2m
 from diffusion.schedule import cosine_alphas_cumprod, q_sample, sampling_timesteps
 
 T = 100
@@ -131,9 +131,9 @@ def test_guidance_one_is_conditional_and_zero_unconditional():
     t = torch.full((2,), 40)
     c = model(x, t, drop=torch.zeros(2, dtype=torch.bool), **cond)
     u = model(x, t, drop=torch.ones(2, dtype=torch.bool), **cond)
-    torch.testing.assert_close(guided_eps(model, x, 40, cond, 1.0), c, atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(guided_eps(model, x, 40, cond, 0.0), u, atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(guided_eps(model, x, 40, cond, 3.0), u + 3 * (c - u), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(CFGDenoiser(model, cond, 1.0)(x, 40), c, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(CFGDenoiser(model, cond, 0.0)(x, 40), u, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(CFGDenoiser(model, cond, 3.0)(x, 40), u + 3 * (c - u), atol=1e-5, rtol=1e-5)
 
 
 def test_samplers_are_deterministic_with_a_seed():
@@ -144,7 +144,7 @@ def test_samplers_are_deterministic_with_a_seed():
         for _ in range(2):
             g = torch.Generator().manual_seed(5)
             x = torch.randn(2, 3, 16, 16, generator=g)
-            runs.append(sampler(model, x, steps, cond, 2.0, abar, generator=g))
+            runs.append(sampler(CFGDenoiser(model, cond, 2.0), x, steps, abar, generator=g))
         torch.testing.assert_close(runs[0], runs[1], atol=0, rtol=0)
         assert runs[0].abs().max() <= 1.0 + 1e-5  # ends at the (clipped) data prediction
 
@@ -156,7 +156,14 @@ def test_ddim_with_eta_one_over_all_steps_is_ddpm():
     for sampler, kw in ((sample_ddpm, {}), (sample_ddim, {"eta": 1.0})):
         g = torch.Generator().manual_seed(3)
         out.append(
-            sampler(model, torch.randn(2, 3, 16, 16, generator=g), steps, cond, 1.5, abar, generator=g, **kw)
+            sampler(
+                CFGDenoiser(model, cond, 1.5),
+                torch.randn(2, 3, 16, 16, generator=g),
+                steps,
+                abar,
+                generator=g,
+                **kw,
+            )
         )
     torch.testing.assert_close(out[0], out[1], atol=1e-4, rtol=1e-4)
 
@@ -165,11 +172,12 @@ def test_deterministic_samplers_converge_with_more_steps():
     """DDIM (eta=0) and DPM-Solver++(2M) solve the same ODE: they agree more closely as steps grow."""
     model, cond, abar = tiny(), cond_of(1), cosine_alphas_cumprod(T)
     x = torch.randn(1, 3, 16, 16, generator=torch.Generator().manual_seed(0))
-    ref = sample_ddim(model, x, sampling_timesteps(T, T), cond, 1.0, abar, clip_x0=False)
+    denoiser = CFGDenoiser(model, cond, 1.0)
+    ref = sample_ddim(denoiser, x, sampling_timesteps(T, T), abar, clip_x0=False)
     errors = []
     for n in (5, 20):
-        ddim = sample_ddim(model, x, sampling_timesteps(T, n), cond, 1.0, abar, clip_x0=False)
-        dpm = sample_dpmpp_2m(model, x, sampling_timesteps(T, n), cond, 1.0, abar, clip_x0=False)
+        ddim = sample_ddim(denoiser, x, sampling_timesteps(T, n), abar, clip_x0=False)
+        dpm = sample_dpmpp_2m(denoiser, x, sampling_timesteps(T, n), abar, clip_x0=False)
         errors.append(((ddim - ref).abs().mean().item(), (dpm - ref).abs().mean().item()))
     assert errors[1][0] < errors[0][0] and errors[1][1] < errors[0][1]
     assert errors[0][1] < errors[0][0]  # the second-order solver is closer at few steps

@@ -59,7 +59,8 @@ cluster.add_node(num_cpus=1)
 ray.init(address=cluster.address)
 cluster.wait_for_nodes()
 assert len([n for n in ray.nodes() if n["Alive"]]) == 2
-pd.DataFrame({{"url": [f"{image_server.base}/img/{{i}}.jpg?delay=0.05" for i in range(40)]}}).to_parquet("{tmp_path}/u.parquet")
+urls = [f"{image_server.base}/img/{{i}}.jpg?delay=0.05" for i in range(40)]
+pd.DataFrame({{"url": urls}}).to_parquet("{tmp_path}/u.parquet")
 s = download(DownloadConfig(url_list="{tmp_path}/u.parquet", output_folder="{tmp_path}/out", number_sample_per_shard=5,
                             thread_count=2, allow_network=["127.0.0.1/32"], image_size=32))
 print("RESULT", s.successes, s.num_shards)

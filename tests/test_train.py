@@ -84,7 +84,8 @@ def test_rerun_resumes_with_optimizer_state_and_step_count(train_db, tmp_path):
 def test_a_killed_worker_is_survived(train_db, tmp_path):
     """A worker SIGKILLed at step 5 (after the step-3 checkpoint): the group restarts from step 3 and finishes."""
     out = str(tmp_path / "run")
-    train(config_for(train_db, out, steps=9, num_workers=2, log_every=1, crash_at_step=5, max_failures=2))
+    hook = "tests.faults:kill_last_worker_once_at_step_5"
+    train(config_for(train_db, out, steps=9, num_workers=2, log_every=1, step_hook=hook, max_failures=2))
     assert os.path.exists(os.path.join(out, ".crashed_once"))  # the worker did die
     rows = read_metrics(os.path.join(out, "metrics.csv"))
     assert [int(r["step"]) for r in rows] == list(range(1, 10))  # continuous step count

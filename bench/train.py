@@ -147,11 +147,11 @@ def bare_batches(config, source: str):  # type: ignore[no-untyped-def]
 def bare_loop(config, windows: int, checkpoint_dir: str, source: str) -> tuple[list[float], float]:  # type: ignore[no-untyped-def]
     """(samples/s per window, data-wait fraction after the first window) of a plain PyTorch loop (same model,
     optimizer, loss, EMA, and the same checkpoint written at the same steps) fed by bare_batches(source)."""
-    from diffusion.schedule import cosine_alphas_cumprod
+    from diffusion.schedule import alphas_cumprod
     from diffusion.train import autocast_dtype, checkpoint_state, new_training_state, training_step
 
     model, ema, opt = new_training_state(config)
-    abar = cosine_alphas_cumprod(config.num_timesteps).float()
+    abar = alphas_cumprod(config.schedule, config.num_timesteps).float()
     gen = torch.Generator().manual_seed(config.seed)
     amp = autocast_dtype(torch.device("cpu"), config.precision)
     per_window = config.steps // windows

@@ -131,7 +131,10 @@ class TrainConfig:
     steps: optimizer steps in total; batch_size_per_worker: images per worker per step.
     shuffle_buffer: rows mixed across parts on each worker (0: parts come in a new order each epoch and
     their rows shuffled, which is enough when shards are random subsets of the URL list).
-    checkpoint_every, log_every: in steps. num_timesteps: diffusion steps T. ema_decay: EMA of the weights.
+    checkpoint_every, log_every: in steps. num_timesteps: diffusion steps T; schedule: its noise schedule
+    (diffusion/schedule.py: cosine or linear). ema_decay: EMA of the weights.
+    clip_model: the CLIP that embedded the database (filled in by train from database.json); sampling refuses a
+    database embedded by another CLIP.
     prediction: what the network predicts, "v" or "eps" (diffusion/precond.py). min_snr_gamma: min-SNR loss
     weighting (0: off). exclude_parts: database parts (e.g. "00011") left out of training, such as the shards
     an evaluation holds out.
@@ -159,6 +162,8 @@ class TrainConfig:
     grad_clip: float = 1.0
     ema_decay: float = 0.999
     num_timesteps: int = 1000
+    schedule: str = "cosine"
+    clip_model: str | None = None
     prediction: str = "v"
     min_snr_gamma: float = 5.0
     exclude_parts: list[str] = dataclasses.field(default_factory=list)
@@ -191,6 +196,10 @@ class TrainConfig:
                 f"min_snr_gamma must be >= 0 (0 turns the weighting off), got {self.min_snr_gamma}"
             )
         self.exclude_parts = [str(p) for p in self.exclude_parts]
+        from diffusion.schedule import SCHEDULES
+
+        if self.schedule not in SCHEDULES:
+            raise ValueError(f"schedule must be one of {sorted(SCHEDULES)}, got {self.schedule!r}")
         if self.step_hook is not None and ":" not in self.step_hook:
             raise ValueError(f"step_hook must be 'module:function', got {self.step_hook!r}")
         if self.precision not in ("auto", "fp32", "bf16"):

@@ -80,6 +80,19 @@ def load_model(checkpoint: str, use_ema: bool = True) -> tuple[torch.nn.Module, 
     return model.eval(), config, int(state["step"])
 
 
+def check_clip(db: Any, config: TrainConfig) -> None:
+    """Refuse a database embedded by another CLIP than the one the model was trained on (same width or not:
+    two CLIPs' spaces do not mix)."""
+    from retrieval.clip_model import clip_identity
+
+    trained, used = config.clip_model, db.info.clip_model
+    if trained and clip_identity(trained) != clip_identity(used):
+        raise ValueError(
+            f"the model was trained on embeddings of {trained} but {getattr(db, 'path', db)} is embedded with "
+            f"{used}; retrieve from a database embedded with the training CLIP"
+        )
+
+
 def retrieval_condition(
     db: Any,
     query: np.ndarray,
@@ -91,6 +104,7 @@ def retrieval_condition(
     [P, k, D] + valid [P, k]} from the database's k nearest images (optionally within a band, never one of
     exclude_ids), and the search result (None without kNN)."""
     mc = config.model
+    check_clip(db, config)
     if query.shape[1] != mc.cond_dim:
         raise ValueError(
             f"the database embeds with {db.info.clip_model} ({query.shape[1]}-d) but the model was trained on "
@@ -143,11 +157,11 @@ def generate(
     [N, C, H, W] (the service draws each request's from its own seed). Runs on the model's device."""
     from diffusion.precond import EpsDenoiser
     from diffusion.samplers import SAMPLERS, CFGDenoiser
-    from diffusion.schedule import cosine_alphas_cumprod, sampling_timesteps
+    from diffusion.schedule import alphas_cumprod, sampling_timesteps
 
     mc = config.model
     device = next(model.parameters()).device
-    abar = cosine_alphas_cumprod(config.num_timesteps).to(device)
+    abar = alphas_cumprod(config.schedule, config.num_timesteps).to(device)
     eps_model = EpsDenoiser(model, abar, config.prediction).eval()
     timesteps = sampling_timesteps(config.num_timesteps, steps)
     gen = torch.Generator().manual_seed(seed)

@@ -25,10 +25,19 @@ def linear_alphas_cumprod(
     """abar [T] float64 of DDPM's linear beta schedule (Ho et al. 2020, sec. 4), rescaled to T steps."""
     scale = 1000 / num_timesteps
     betas = torch.linspace(beta_start * scale, beta_end * scale, num_timesteps, dtype=torch.float64)
-    return torch.cumprod(1 - betas, dim=0)
+    return torch.cumprod(1 - betas.clamp(max=0.999), dim=0)  # short schedules: beta_end * 1000 / T passes 1
 
 
 SCHEDULES = {"cosine": cosine_alphas_cumprod, "linear": linear_alphas_cumprod}
+
+
+def alphas_cumprod(schedule: str, num_timesteps: int) -> torch.Tensor:
+    """abar [T] float64 of a named schedule: the one place training and sampling take it from."""
+    if schedule not in SCHEDULES:
+        raise ValueError(f"schedule must be one of {sorted(SCHEDULES)}, got {schedule!r}")
+    if num_timesteps < 2:
+        raise ValueError(f"num_timesteps must be >= 2, got {num_timesteps}")
+    return SCHEDULES[schedule](num_timesteps)
 
 
 def q_sample(

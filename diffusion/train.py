@@ -89,6 +89,22 @@ def new_training_state(config: TrainConfig) -> tuple[Any, Any, torch.optim.Optim
     return model, ema, opt
 
 
+def restore_training_state(
+    model: torch.nn.Module, ema: Any, opt: torch.optim.Optimizer, state: dict[str, Any] | None, device: Any
+) -> int:
+    """Move model and EMA to device, then load a checkpoint's weights and optimizer state into them; returns its
+    step (0 without a state). The order matters on a GPU: Optimizer.load_state_dict puts each moment on its
+    parameter's device at load time, so loading before the move would leave Adam's moments on the CPU."""
+    model.to(device)
+    ema.module.to(device)
+    if state is None:
+        return 0
+    load_weights(model, state["model"], STATE_FILE)
+    load_weights(ema.module, state["ema"], STATE_FILE, "EMA")
+    opt.load_state_dict(state["optimizer"])
+    return int(state["step"])
+
+
 def training_step(
     model: torch.nn.Module,
     ema: Any,
@@ -146,7 +162,7 @@ def train_loop_per_worker(cfg: dict[str, Any]) -> None:
     import ray.train
     import ray.train.torch
 
-    from diffusion.schedule import cosine_alphas_cumprod
+    from diffusion.schedule import alphas_cumprod
 
     config = TrainConfig.from_dict(cfg)
     ctx = ray.train.get_context()
@@ -159,19 +175,16 @@ def train_loop_per_worker(cfg: dict[str, Any]) -> None:
     model, ema, opt = new_training_state(config)
     step = 0
     checkpoint = ray.train.get_checkpoint()
+    state = None
     if checkpoint:
         with checkpoint.as_directory() as d:
             state = read_state(os.path.join(d, STATE_FILE))
-        load_weights(model, state["model"], STATE_FILE)
-        load_weights(ema.module, state["ema"], STATE_FILE, "EMA")
-        opt.load_state_dict(state["optimizer"])
-        step = int(state["step"])
+    step = restore_training_state(model, ema, opt, state, device)
     start_step = step
     hook = step_hook(config.step_hook)
-    ema.module.to(device)
-    model = ray.train.torch.prepare_model(model)
+    model = ray.train.torch.prepare_model(model, move_to_device=False)
     raw = unwrap(model)
-    abar = cosine_alphas_cumprod(config.num_timesteps).to(device=device, dtype=torch.float32)
+    abar = alphas_cumprod(config.schedule, config.num_timesteps).to(device=device, dtype=torch.float32)
     gen = torch.Generator(device=device).manual_seed(config.seed + 1_000_003 * rank + step)
     amp = autocast_dtype(device, config.precision)
     shard = ray.train.get_dataset_shard("train")
@@ -332,6 +345,11 @@ def train(config: TrainConfig, ray_address: str | None = None) -> dict[str, Any]
     start = time.time()
     # check the inputs (files, dimensions, k) before anything is written or started
     items = part_items(config)
+    from retrieval.database import DatabaseInfo
+
+    config.clip_model = DatabaseInfo.read(
+        config.db
+    ).clip_model  # recorded: sampling checks its databases' CLIP
     output = config.output if "://" in config.output else os.path.abspath(config.output)
     config.output = output
     fs, root = fsspec.core.url_to_fs(output)

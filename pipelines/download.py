@@ -67,7 +67,7 @@ class DownloadConfig:
     caption_col: str | None = None
     extra_cols: list[str] | None = None
     image_size: int = 256
-    resize_mode: str = "border"
+    resize_mode: str = "center_crop"
     resize_only_if_bigger: bool = False
     encode_format: str = "jpg"
     encode_quality: int = 95

@@ -34,7 +34,7 @@ from tqdm.auto import tqdm
 
 from retrieval.clip_model import PRECISIONS, ClipSpec
 from retrieval.database import DatabaseInfo
-from retrieval.storage import atomic_write_bytes
+from retrieval.storage import IMAGE_EXTENSIONS, atomic_write_bytes
 
 log = logging.getLogger(__name__)
 
@@ -140,8 +140,12 @@ def preprocess(batch: dict[str, np.ndarray], clip_model: str, enable_text: bool)
     pixels: list[np.ndarray | None] = []
     ok = np.zeros(n, dtype=bool)
     shape = (3, 1, 1)
-    for i, raw in enumerate(batch["jpg"]):
+    exts = [e for e in IMAGE_EXTENSIONS if e in batch]  # the download stage writes jpg, png or webp
+    for i in range(n):
+        raw = next((batch[e][i] for e in exts if batch[e][i] is not None), None)
         try:
+            if raw is None:
+                raise ValueError(f"no image ({', '.join(IMAGE_EXTENSIONS)}) in the sample")
             with Image.open(io.BytesIO(raw)) as im:
                 px = transform(im.convert("RGB")).numpy()
             shape = px.shape

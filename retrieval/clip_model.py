@@ -53,6 +53,21 @@ class ClipSpec:
         return cls(config, pretrained)
 
 
+def clip_identity(name: str) -> str:
+    """What makes two clip-retrieval names the same model, wherever its files sit: the config's name (a JSON's
+    file stem) and the pretrained tag or the checkpoint's file name and size. A copied database or run folder
+    whose paths changed keeps its identity; another checkpoint of the same architecture does not."""
+    spec = ClipSpec.parse(name)
+    config = (
+        os.path.splitext(os.path.basename(spec.config))[0] if spec.config.endswith(".json") else spec.config
+    )
+    weights = spec.pretrained
+    if os.sep in weights:
+        size = os.path.getsize(weights) if os.path.exists(weights) else "?"
+        weights = f"{os.path.basename(weights)}:{size}"
+    return f"{config}/{weights}"
+
+
 def cpu_flags() -> set[str]:
     try:
         with open("/proc/cpuinfo") as f:

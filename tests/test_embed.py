@@ -208,3 +208,25 @@ def test_int8_database_agrees_with_fp32(db, shards, tiny_clip, tmp_path):
     cos = np.sum(img8 * img, axis=1)
     assert cos.min() > 0.999 and not np.allclose(img8, img, atol=1e-6)  # close, and really the int8 tower
     assert np.allclose(text8, text, atol=1e-5)  # captions stay on the fp32 text tower
+
+
+@pytest.mark.parametrize("fmt", ["png", "webp", "jpg"])
+def test_preprocess_reads_every_format_download_writes(tiny_clip, fmt):
+    """download --encode-format png/webp writes <key>.png/.webp into the shards; embed must read them too."""
+    import io
+
+    from PIL import Image
+
+    from pipelines.embed import preprocess
+
+    buf = io.BytesIO()
+    Image.new("RGB", (40, 30), (200, 30, 30)).save(buf, format={"jpg": "JPEG"}.get(fmt, fmt.upper()))
+    batch = {
+        "__key__": np.array(["000000001", "000000002"]),
+        fmt: np.array([buf.getvalue(), b"not an image"], dtype=object),
+        "json": np.array(['{"caption": "a red box"}', '{"caption": "broken"}']),
+        "path": np.array(["/x/00000.tar", "/x/00000.tar"]),
+    }
+    out = preprocess(batch, tiny_clip, enable_text=False)
+    assert list(out["ok"]) == [True, False]
+    assert out["pixels"].shape[0] == 2 and np.abs(out["pixels"][0]).sum() > 0

@@ -163,3 +163,74 @@ def test_run_folder_given_as_a_uri_checkpoints_and_resumes(train_db, tmp_path):
     assert [(int(r["step"]), int(r["start_step"])) for r in rows] == [(3, 0), (6, 3)]
     assert latest_checkpoint(uri).startswith("file://") and state_of(uri)["step"] == 6
     assert (tmp_path / "uri_run" / "loss.png").exists()
+
+
+def test_resume_puts_the_model_on_its_device_before_loading_the_optimizer():
+    """On a GPU, Optimizer.load_state_dict puts each Adam moment on its parameter's device at load time: the model
+    must already be there, or the moments stay on the CPU. The order of the calls is what a CPU can check."""
+    from diffusion.train import new_training_state, restore_training_state
+
+    config = TrainConfig(db="db", neighbours="nb", output="out", model=model_config("tiny", cond_dim=8))
+    model, ema, opt = new_training_state(config)
+    for p in model.parameters():
+        p.grad = torch.ones_like(p)
+    opt.step()
+    state = {"model": model.state_dict(), "ema": ema.module.state_dict(), "optimizer": opt.state_dict()}
+    state.update(step=7, config="{}")
+    model2, ema2, opt2 = new_training_state(config)
+    calls = []
+    for name, obj, method in (
+        ("model.to", model2, "to"),
+        ("ema.to", ema2.module, "to"),
+        ("load", opt2, "load_state_dict"),
+    ):
+        original = getattr(obj, method)
+        setattr(obj, method, lambda *a, _o=original, _n=name, **k: calls.append(_n) or _o(*a, **k))
+    assert restore_training_state(model2, ema2, opt2, state, torch.device("cpu")) == 7
+    assert calls.index("model.to") < calls.index("load") and calls.index("ema.to") < calls.index("load")
+    params = list(model2.parameters())
+    assert all(opt2.state[p]["exp_avg"].device == p.device for p in params)
+    assert all(any(p is q for q in opt2.param_groups[0]["params"]) for p in params[:3])
+    torch.testing.assert_close(
+        opt2.state[params[0]]["exp_avg"], opt.state[list(model.parameters())[0]]["exp_avg"]
+    )
+
+
+def test_sampling_refuses_a_database_embedded_by_another_clip(tmp_path):
+    """Same architecture and width, other weights: refused. The same checkpoint copied elsewhere: accepted."""
+    import shutil
+    from types import SimpleNamespace
+
+    from diffusion.sample import check_clip
+    from retrieval.database import DatabaseInfo
+
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    (tmp_path / "a" / "clip.pt").write_bytes(b"x" * 100)
+    (tmp_path / "b" / "clip.pt").write_bytes(b"y" * 120)
+    shutil.copytree(tmp_path / "a", tmp_path / "moved")
+    trained = f"open_clip:ViT-B-32/{tmp_path}/a/clip.pt"
+    config = TrainConfig(db="db", neighbours="nb", output="out", model=model_config("tiny", cond_dim=8))
+    config.clip_model = trained
+
+    def db(name):
+        return SimpleNamespace(info=DatabaseInfo(clip_model=name, dim=8), path="db")
+
+    check_clip(db(trained), config)
+    check_clip(db(f"open_clip:ViT-B-32/{tmp_path}/moved/clip.pt"), config)  # relocated copy: the same model
+    with pytest.raises(
+        ValueError, match="trained on embeddings of .*a/clip.pt but db is embedded with .*b/clip.pt"
+    ):
+        check_clip(db(f"open_clip:ViT-B-32/{tmp_path}/b/clip.pt"), config)
+    with pytest.raises(ValueError, match="retrieve from a database embedded with the training CLIP"):
+        check_clip(db("open_clip:ViT-B-32/openai"), config)
+
+
+def test_linear_schedule_stays_a_schedule_for_short_chains():
+    from diffusion.schedule import alphas_cumprod
+
+    for t in (10, 20, 49, 1000):
+        abar = alphas_cumprod("linear", t)
+        assert (abar > 0).all() and (abar[1:] < abar[:-1]).all(), t
+    with pytest.raises(ValueError, match="schedule must be one of"):
+        alphas_cumprod("quadratic", 10)

@@ -162,9 +162,12 @@ def ensure_classifier(
 
 def _load_checkpoints(config: EvaluateConfig) -> tuple[dict[str, Any], int]:
     """{name: (model, config, step)} and their common image size; refuses one trained on the held-out parts."""
-    from diffusion.sample import load_model
+    from diffusion.sample import default_device, load_model
 
-    models = {name: load_model(path) for name, path in config.checkpoints.items()}
+    models = {}
+    for name, path in config.checkpoints.items():
+        model, cfg, step = load_model(path)
+        models[name] = (model.to(default_device()), cfg, step)
     sizes = {cfg.model.image_size for _, cfg, _ in models.values()}
     if len(sizes) != 1:
         raise ValueError(

@@ -42,6 +42,8 @@ class SampleConfig:
     seed: int = 0
     num_per_prompt: int = 4
     use_ema: bool = True
+    device: str | None = None
+    batch_size: int = 64
 
     def __post_init__(self) -> None:
         from diffusion.samplers import SAMPLERS
@@ -50,6 +52,8 @@ class SampleConfig:
             raise ValueError(f"--sampler must be one of {sorted(SAMPLERS)}, got {self.sampler!r}")
         if self.num_per_prompt < 1:
             raise ValueError(f"--num-per-prompt must be >= 1, got {self.num_per_prompt}")
+        if self.batch_size < 1:
+            raise ValueError(f"--batch-size must be >= 1, got {self.batch_size}")
 
     def all_prompts(self) -> list[str]:
         prompts = list(self.prompts or [])
@@ -61,6 +65,12 @@ class SampleConfig:
         if not prompts:
             raise ValueError("no prompts: pass --prompts or --prompt-file")
         return prompts
+
+
+def default_device() -> str:
+    """cuda when there is a GPU, else cpu: sampling is deterministic for a seed on either (the noise is drawn on
+    the CPU and moved)."""
+    return "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def load_model(checkpoint: str, use_ema: bool = True) -> tuple[torch.nn.Module, TrainConfig, int]:
@@ -216,6 +226,7 @@ def sample(config: SampleConfig) -> dict[str, Any]:
     start = time.time()
     prompts = config.all_prompts()
     model, train_config, step = load_model(config.checkpoint, config.use_ema)
+    model = model.to(config.device or default_device())
     mc = train_config.model
     if config.k is not None and config.k != mc.k:
         raise ValueError(
@@ -226,7 +237,16 @@ def sample(config: SampleConfig) -> dict[str, Any]:
     cond, found = retrieval_condition(db, query, train_config, band=config.band)
     n = config.num_per_prompt
     cond = {k: v.repeat_interleave(n, dim=0) for k, v in cond.items()}
-    images = generate(model, train_config, cond, config.sampler, config.steps, config.guidance, config.seed)
+    images = generate(
+        model,
+        train_config,
+        cond,
+        config.sampler,
+        config.steps,
+        config.guidance,
+        config.seed,
+        config.batch_size,
+    )
     timesteps = sampling_timesteps(train_config.num_timesteps, config.steps)
     os.makedirs(config.output, exist_ok=True)
     save_png(grid(list(images), cols=n), os.path.join(config.output, "grid.png"))

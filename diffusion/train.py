@@ -435,20 +435,26 @@ def _latest_state(run: str) -> tuple[str | None, int]:
 
 
 def _step_of(fs: Any, path: str) -> int:
-    return int(read_state(path, fs)["step"])
+    """The step a state.pt holds. Local files are memory-mapped, so only the small pickle is read, not the
+    tensors (gigabytes for the paper preset); other filesystems read the file."""
+    return int(read_state(path, fs, mmap=True)["step"])
 
 
 STATE_KEYS = ("model", "ema", "optimizer", "step", "config")
 
 
-def read_state(path: str, fs: Any = None) -> dict[str, Any]:
+def read_state(path: str, fs: Any = None, mmap: bool = False) -> dict[str, Any]:
     """A checkpoint's state dict (weights_only: tensors and plain containers, no code). A file that is empty,
     truncated, not a torch file or not one of our checkpoints is a ValueError that names it."""
     if fs is None:
         fs, path = fsspec.core.url_to_fs(path)
+    local = "file" in (fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,))
     try:
-        with fs.open(path) as f:
-            state = torch.load(f, map_location="cpu", weights_only=True)
+        if mmap and local:
+            state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        else:
+            with fs.open(path) as f:
+                state = torch.load(f, map_location="cpu", weights_only=True)
     except (EOFError, OSError, RuntimeError, pickle.UnpicklingError, ValueError) as err:
         reason = str(err).strip().splitlines()[0].split(". ")[0] if str(err).strip() else type(err).__name__
         raise ValueError(

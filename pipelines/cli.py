@@ -242,6 +242,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
     p.add_argument("--num-per-prompt", type=int, default=4, help="images per prompt (default: 4)")
     p.add_argument("--ema", action=argparse.BooleanOptionalAction, default=True, help="use the EMA weights")
+    p.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda when there is a GPU)")
+    p.add_argument(
+        "--batch-size", type=int, default=64, help="images generated per network batch (default: 64)"
+    )
     desc = (
         "score generators on held-out images: attribute accuracy (captions of a known vocabulary), Fréchet "
         "distance, KID and CLIP score -> evaluation.json"
@@ -472,7 +476,7 @@ def sample_command(args: argparse.Namespace) -> None:
         "k",
         "guidance",
     )
-    names += ("steps", "sampler", "seed", "num_per_prompt")
+    names += ("steps", "sampler", "seed", "num_per_prompt", "device", "batch_size")
     sample(SampleConfig(**{k: getattr(args, k) for k in names}, use_ema=args.ema))
 
 

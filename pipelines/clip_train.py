@@ -109,15 +109,6 @@ class ClipTrainConfig:
     """Train on one GPU (the task asks Ray for num_gpus=1) instead of the CPUs."""
     log_every_n_steps: int = 10
     """How often open_clip_train logs a progress line (loss, learning rate, samples/s)."""
-    hard_negative_group: int = 0
-    """Caption-grouped batches: 0 shuffles samples at random (open_clip_train's default); g > 1 fills each batch
-    with groups of g samples whose captions share the most words, so the contrastive loss must tell apart what
-    their captions differ in (see hard_negative_order)."""
-    caption_dropout: float = 0.0
-    """Probability of dropping each word of a training caption (at least one word is kept; 0 turns it off).
-    A contrastive loss only learns what tells a batch's captions apart: when captions name many attributes,
-    one (in the demo, the shape) is rarely needed. Captions that name a random few make every attribute
-    decide some matches, as partial alt-texts do on the web."""
 
     def __post_init__(self) -> None:
         self._check_paths()
@@ -134,23 +125,12 @@ class ClipTrainConfig:
             raise ValueError(f"--holdout-fraction must be in [0, 1), got {self.holdout_fraction}")
         if self.num_workers < 0:
             raise ValueError(f"--num-workers must be >= 0, got {self.num_workers}")
-        self._check_batches()
         self._check_precision()
         for name in ("image_size", "context_length"):
             value = getattr(self, name)
             if value is not None and value <= 0:
                 raise ValueError(f"--{name.replace('_', '-')} must be positive, got {value}")
         self.model_config()  # fails now on an unknown name, a missing file or an image size the patches don't tile
-
-    def _check_batches(self) -> None:
-        if self.hard_negative_group < 0 or self.hard_negative_group == 1:
-            raise ValueError(f"--hard-negative-group must be 0 (off) or >= 2, got {self.hard_negative_group}")
-        if self.hard_negative_group and self.batch_size % self.hard_negative_group:
-            raise ValueError(
-                f"--hard-negative-group {self.hard_negative_group} must divide --batch-size {self.batch_size}"
-            )
-        if not 0 <= self.caption_dropout < 1:
-            raise ValueError(f"--caption-dropout must be in [0, 1), got {self.caption_dropout}")
 
     def _check_precision(self) -> None:
         if self.precision not in PRECISIONS:
@@ -379,82 +359,9 @@ def _tarfile_to_samples_nothrow(
     return otd.group_by_keys_nothrow(files, handler=handler)
 
 
-_WORD = re.compile(r"[a-z0-9]+")
-
-
-def hard_negative_order(captions: Sequence[str], group_size: int, rng: random.Random) -> list[int]:
-    """An order of the captions in which each run of group_size items are hard negatives of one another.
-
-    Random batches rarely hold two images whose captions differ in one detail, so a contrastive encoder can
-    ignore any detail that the rest of a caption already pins down (in the demo, the shape). This builds the
-    batches from groups instead: a random unused caption, then the group_size - 1 unused captions whose word sets
-    are closest to it (cosine of binary bag-of-words). Captions with exactly its word set are left out of its
-    group: the same caption under another image is a false negative, not a hard one. Groups come in random order.
-    """
-    n = len(captions)
-    words = [frozenset(_WORD.findall(c.lower())) for c in captions]
-    vocab = {w: i for i, w in enumerate(sorted(set().union(*words)))}
-    bags = np.zeros((n, max(len(vocab), 1)), dtype=np.float32)
-    for row, ws in enumerate(words):
-        bags[row, [vocab[w] for w in ws]] = 1.0
-    bags /= np.maximum(np.linalg.norm(bags, axis=1, keepdims=True), 1e-12)
-    used = np.zeros(n, dtype=bool)
-    groups = []
-    for seed in rng.sample(range(n), n):
-        if used[seed]:
-            continue
-        used[seed] = True
-        sims = bags @ bags[seed]
-        sims[used | np.array([w == words[seed] for w in words])] = -np.inf
-        take = min(group_size - 1, int(np.isfinite(sims).sum()))
-        members = np.argpartition(-sims, take)[:take] if 0 < take < n else np.flatnonzero(np.isfinite(sims))
-        used[members] = True
-        groups.append([seed, *members.tolist()])
-    rng.shuffle(groups)
-    return [i for group in groups for i in group]
-
-
-def _grouped_shuffle(
-    data: Iterator[dict[str, Any]], bufsize: int, group_size: int, rng: random.Random
-) -> Iterator[dict[str, Any]]:
-    """The sample-shuffle stage with caption-grouped order: bufsize samples at a time in hard_negative_order."""
-
-    def emit(buf: list[dict[str, Any]]) -> Iterator[dict[str, Any]]:
-        captions = [bytes(s.get("txt", b"")).decode("utf-8", "replace") for s in buf]
-        for i in hard_negative_order(captions, group_size, rng):
-            yield buf[i]
-
-    buf: list[dict[str, Any]] = []
-    for sample in data:
-        buf.append(sample)
-        if len(buf) >= bufsize:
-            yield from emit(buf)
-            buf = []
-    if buf:
-        yield from emit(buf)
-
-
-class CaptionDropout:
-    """A tokenizer that first drops each word of a caption with probability p (keeping at least one word)."""
-
-    def __init__(self, tokenizer: Any, p: float, seed: int) -> None:
-        self.tokenizer, self.p, self.rng = tokenizer, p, random.Random(seed)
-
-    def drop(self, text: str) -> str:
-        words = text.split()
-        kept = [w for w in words if self.rng.random() >= self.p]
-        return " ".join(kept or [self.rng.choice(words)]) if words else text
-
-    def __call__(self, texts: Any, *args: Any, **kwargs: Any) -> Any:
-        texts = self.drop(texts) if isinstance(texts, str) else [self.drop(t) for t in texts]
-        return self.tokenizer(texts, *args, **kwargs)
-
-
 @contextmanager
-def _open_clip_train_patches(
-    seed: int, caption_dropout: float = 0.0, hard_negative_group: int = 0
-) -> Iterator[None]:
-    """Three fixes to open_clip_train 2.32 and one option it lacks, undone afterwards.
+def _open_clip_train_patches(seed: int) -> Iterator[None]:
+    """Three fixes to open_clip_train 2.32, undone afterwards.
 
     data.py: the shard reader dies on webdataset's end-of-shard marker (see _tarfile_to_samples_nothrow).
     data.py: the sample shuffle (wds.shuffle, get_wds_dataset) gets no seed, and webdataset then seeds it from
@@ -462,8 +369,6 @@ def _open_clip_train_patches(
     logger.py: setup_logging adds a console and a file handler to the root logger on every call and sets every
     logger to INFO; a second fit in the same worker process would print every line twice and keep the old file
     open. Its console handler also gets a filter that keeps the model printout and parameter list in out.log.
-    main.py: with caption_dropout > 0 the tokenizer main builds for the training data is a CaptionDropout (it
-    has no text augmentation option); nothing else uses that tokenizer here (no zero-shot or validation data).
     """
     import open_clip_train.data as otd
     import open_clip_train.main as otm
@@ -482,28 +387,14 @@ def _open_clip_train_patches(
                 handler.addFilter(_ConsoleFilter())
 
     original_reader, original_shuffle = otd.tarfile_to_samples_nothrow, otd.wds.shuffle
-    original_tokenizer = otm.get_tokenizer
-    if caption_dropout > 0:
-        otm.get_tokenizer = lambda *a, **k: CaptionDropout(original_tokenizer(*a, **k), caption_dropout, seed)
     otm.setup_logging = setup_logging
     otd.tarfile_to_samples_nothrow = _tarfile_to_samples_nothrow
     # One generator for the whole run: each epoch (and each loader worker's copy) continues its stream.
-    rng = random.Random(seed)
-    if hard_negative_group > 1:
-
-        def grouped(bufsize: int, initial: int, **_: Any) -> Any:
-            return functools.partial(
-                _grouped_shuffle, bufsize=bufsize, group_size=hard_negative_group, rng=rng
-            )
-
-        otd.wds.shuffle = grouped
-    else:
-        otd.wds.shuffle = functools.partial(original_shuffle, rng=rng)
+    otd.wds.shuffle = functools.partial(original_shuffle, rng=random.Random(seed))
     try:
         yield
     finally:
         otm.setup_logging = original
-        otm.get_tokenizer = original_tokenizer
         otd.tarfile_to_samples_nothrow = original_reader
         otd.wds.shuffle = original_shuffle
         for handler in [h for h in root.handlers if h not in handlers]:
@@ -610,7 +501,7 @@ def _fit_task(
     # Ray may hand out more CPUs than the node has cores (a test session's num_cpus); never oversubscribe.
     with (
         _scrubbed_environment(min(num_cpus, os.cpu_count() or num_cpus)),
-        _open_clip_train_patches(config.seed, config.caption_dropout, config.hard_negative_group),
+        _open_clip_train_patches(config.seed),
     ):
         status = otm.main(argv)
     if status is not None:  # main prints its own errors and returns -1 rather than raising

@@ -748,11 +748,15 @@ class Pipeline:
         return out
 
     def sample(self, bands: list[dict[str, Any]]) -> dict[str, Any]:
-        """The prompts against the main database, the second database, and each aesthetic band of the main."""
+        """The prompts against the main database, the second database, and each aesthetic band of the main. A
+        no-kNN model never reads its database's images, so it samples the main database alone (the others would
+        give the same pictures)."""
         from diffusion.sample import SampleConfig, sample
 
         targets: list[tuple[str, str, str | None]] = [("main", "main", None)]
-        if "ood" in self.databases():
+        if not self.model_config().use_knn:
+            bands = []
+        elif "ood" in self.databases():
             targets.append(("ood", "ood", None))
         targets += [(f"band_{b['name']}", "main", b["name"]) for b in bands if b["count"] > 0]
         done = {}

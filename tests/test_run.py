@@ -291,3 +291,24 @@ def test_a_copied_database_reads_its_own_shards_and_clip(quick_demo, tmp_path):
     db = Database.open(str(moved / "db" / "main"))
     assert len(db.images(db.ids[:3])) == 3
     assert db.search_text(["a red circle"], k=3).ids.shape == (1, 3)
+
+
+@pytest.mark.parametrize("use_knn", [True, False])
+def test_a_no_knn_model_samples_only_the_main_database(tmp_path, monkeypatch, use_knn):
+    """Other databases and bands change only the neighbours, which a no-kNN model never reads."""
+    import diffusion.sample
+    from pipelines.run import Pipeline, from_dict
+
+    config = from_dict(
+        PipelineConfig, {"output": str(tmp_path), "generator": {"model": {"use_knn": use_knn}}}, "t"
+    )
+    called = []
+    monkeypatch.setattr(
+        diffusion.sample, "sample", lambda c: called.append((os.path.basename(c.database), c.band))
+    )
+    bands = [{"name": "q0", "count": 5}, {"name": "q1", "count": 5}]
+    result = Pipeline(config).sample(bands)
+    expected = (
+        [("main", None), ("ood", None), ("main", "q0"), ("main", "q1")] if use_knn else [("main", None)]
+    )
+    assert called == expected and len(result["targets"]) == len(expected)

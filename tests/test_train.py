@@ -234,3 +234,18 @@ def test_linear_schedule_stays_a_schedule_for_short_chains():
         assert (abar > 0).all() and (abar[1:] < abar[:-1]).all(), t
     with pytest.raises(ValueError, match="schedule must be one of"):
         alphas_cumprod("quadratic", 10)
+
+
+def test_checkpoint_discovery_memory_maps_local_states(tmp_path, monkeypatch):
+    """Finding the latest of several checkpoints reads each one's step, not its gigabytes of tensors."""
+    import fsspec
+
+    from diffusion.train import _step_of
+
+    path = tmp_path / "state.pt"
+    state = {"model": {"w": torch.zeros(1000)}, "ema": {}, "optimizer": {}, "step": 3, "config": "{}"}
+    torch.save(state, path)
+    seen, real = [], torch.load
+    monkeypatch.setattr(torch, "load", lambda *a, **k: seen.append(k.get("mmap")) or real(*a, **k))
+    assert _step_of(fsspec.filesystem("file"), str(path)) == 3
+    assert seen == [True]

@@ -188,7 +188,7 @@ def test_evaluation_neighbours_never_include_held_out_images():
     """retrieval_condition with exclude_ids: the k nearest of the rest, in order, against brute force."""
     from diffusion.config import TrainConfig, model_config
     from diffusion.sample import retrieval_condition
-    from retrieval.database import SearchResult
+    from retrieval.database import DatabaseInfo, SearchResult
 
     rng = np.random.default_rng(0)
     emb = rng.normal(size=(40, 8)).astype(np.float32)
@@ -196,7 +196,7 @@ def test_evaluation_neighbours_never_include_held_out_images():
     ids = np.arange(100, 140)
 
     class BruteForce:
-        info = {"clip_model": "test"}
+        info = DatabaseInfo(clip_model="open_clip:test/test", dim=8)
 
         def __len__(self) -> int:
             return len(ids)

@@ -141,19 +141,33 @@ class NeighbourSearcher:
                 query_ids, empty.astype(np.int64), empty, k, self.config.duplicate_threshold
             )
         fetch = min(k + 1 + max(4, k // 2), max(self.index.ntotal, 1))
-        scores, rows = self.index.search(queries, fetch)
-        ids, sc, found = select_neighbours(
-            query_ids, map_rows(rows, self.index_ids), scores, k, self.config.duplicate_threshold
-        )
+        _, rows = self.index.search(queries, fetch)
+        cand, exact = self.rescored(queries, map_rows(rows, self.index_ids))
+        ids, sc, found = select_neighbours(query_ids, cand, exact, k, self.config.duplicate_threshold)
         short = np.flatnonzero(found < k)
         while len(short) and fetch < min(self.MAX_FETCH, self.index.ntotal):
             fetch = min(fetch * 4, self.MAX_FETCH, self.index.ntotal)
-            scores, rows = self.index.search(queries[short], fetch)
+            _, rows = self.index.search(queries[short], fetch)
+            cand, exact = self.rescored(queries[short], map_rows(rows, self.index_ids))
             ids[short], sc[short], found[short] = select_neighbours(
-                query_ids[short], map_rows(rows, self.index_ids), scores, k, self.config.duplicate_threshold
+                query_ids[short], cand, exact, k, self.config.duplicate_threshold
             )
             short = short[found[short] < k]
         return ids, sc, found
+
+    def rescored(self, queries: np.ndarray, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """The candidates [Q, F] reordered by their exact cosine to the query, with those cosines.
+
+        An IVF-PQ index (autofaiss's choice at scale) ranks by compressed-vector scores: a near-duplicate can
+        score under the threshold and be kept, and the stored scores would not be the true cosines. The
+        candidates' own embeddings (memory-mapped) give the exact ones."""
+        valid = ids >= 0
+        exact = np.full(ids.shape, -np.inf, np.float32)
+        if valid.any():
+            emb = self.database.embeddings(ids[valid])
+            exact[valid] = np.einsum("nd,nd->n", np.repeat(queries, valid.sum(axis=1), axis=0), emb)
+        order = np.argsort(-exact, axis=1, kind="stable")
+        return np.take_along_axis(ids, order, axis=1), np.take_along_axis(exact, order, axis=1)
 
     def __call__(self, part: str) -> dict[str, Any]:
         start = time.time()

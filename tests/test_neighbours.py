@@ -117,3 +117,32 @@ def test_select_neighbours_pads_when_too_few_remain():
     scores = np.array([[1.0, 0.99, 0.5, -np.inf]], np.float32)
     got, sc, found = select_neighbours(np.array([5]), ids, scores, 3, 0.98)
     assert got.tolist() == [[2, -1, -1]] and found.tolist() == [1] and np.isnan(sc[0, 1:]).all()
+
+
+def test_near_duplicates_are_judged_by_exact_cosines_under_a_pq_index(ray_session, tmp_path):
+    """IVF-PQ scores are approximate: a near-duplicate (cosine 0.99) can score under the 0.98 threshold there. The
+    candidates are rescored exactly, so none is kept, and the stored scores are the true cosines, best first."""
+    rng = np.random.default_rng(3)
+    emb = clustered_vectors(4000, 64, num_clusters=20, seed=7)
+    noise = rng.normal(size=(100, 64)).astype(np.float32)
+    noise -= (noise * emb[:100]).sum(1, keepdims=True) * emb[:100]  # orthogonal to the original
+    noise /= np.linalg.norm(noise, axis=1, keepdims=True)
+    emb[-100:] = 0.99 * emb[:100] + np.sqrt(1 - 0.99**2) * noise  # cosine 0.99 to images 0..99
+    path = str(tmp_path / "db")
+    ids = write_synthetic_db(path, emb, num_parts=2)
+    build(
+        IndexConfig(
+            db=path,
+            index_key="Pad64,IVF16_HNSW32,PQ8x4",
+            max_index_memory="1G",
+            current_memory_available="4G",
+        )
+    )
+    out = str(tmp_path / "nb")
+    compute(NeighboursConfig(db=path, output=out, k=5, search_params="nprobe=16"))
+    table = read_neighbour_table(out)
+    got, scores = table["neighbour_ids"], table["neighbour_scores"]
+    assert not (got[:100] == ids[-100:, None]).any() and not (got[-100:] == ids[:100, None]).any()
+    exact = np.einsum("qkd,qd->qk", Database.open(path).embeddings(got.ravel()).reshape(*got.shape, 64), emb)
+    np.testing.assert_allclose(scores, exact, atol=1e-5)
+    assert (scores < 0.98).all() and (np.diff(scores, axis=1) <= 1e-6).all()

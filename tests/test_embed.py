@@ -21,6 +21,16 @@ def db(shards, tiny_clip, tmp_path_factory):
     return out, summary
 
 
+@pytest.fixture(scope="module")
+def indexed_db(db):
+    """The db with its faiss index built (once), for every test that searches it, whatever order they run in."""
+    from pipelines.index import IndexConfig, build
+
+    out, _ = db
+    build(IndexConfig(db=str(out), max_index_memory="100M", current_memory_available="2G"))
+    return out
+
+
 def load_db(out):
     return load_embedding_folder(str(out))
 
@@ -76,13 +86,11 @@ def test_matches_clip_retrieval_inference(db, shards, tiny_clip, tmp_path):
     assert text_cos.min() >= 0.999, text_cos.min()
 
 
-def test_chain_download_embed_index_search(db):
+def test_chain_download_embed_index_search(indexed_db):
     """download -> embed -> index: every downloaded image is indexed once and finds itself by its image id."""
-    from pipelines.index import IndexConfig, build
     from retrieval.database import Database
 
-    out, _ = db
-    build(IndexConfig(db=str(out), max_index_memory="100M", current_memory_available="2G"))
+    out = indexed_db
     database = Database.open(str(out))
     img, _, meta = load_db(out)
     assert len(database) == NUM_TEST_IMAGES
@@ -91,7 +99,7 @@ def test_chain_download_embed_index_search(db):
     assert list(database.metadata(res.ids[:3, 0]).url) == list(meta.url[:3])
 
 
-def test_clip_retrieval_back_serves_the_database(db, tmp_path):
+def test_clip_retrieval_back_serves_the_database(indexed_db, tmp_path):
     """`clip-retrieval back` (via knn-diffusion serve, bound to 127.0.0.1) answers kNN queries on our output."""
     import socket
     import subprocess
@@ -99,9 +107,7 @@ def test_clip_retrieval_back_serves_the_database(db, tmp_path):
     import time
     import urllib.request
 
-    out, _ = db
-    if not (out / "image.index").exists():
-        pytest.skip("needs the index built by test_chain_download_embed_index_search")
+    out = indexed_db
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]

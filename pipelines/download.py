@@ -41,7 +41,7 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from retrieval.safe_fetch import DEFAULT_MAX_BYTES, FetchPolicy, use_opener
-from retrieval.storage import atomic_write_bytes, setting_changes
+from retrieval.storage import check_settings
 
 log = logging.getLogger(__name__)
 
@@ -303,23 +303,7 @@ def shard_settings(config: DownloadConfig, caption_col: str | None, extra_cols: 
 def claim_output_folder(output_folder: str, settings: dict[str, Any]) -> None:
     """Make output_folder ours (or check it already is, with the same settings); refuse otherwise."""
     fs, path = fsspec.core.url_to_fs(output_folder)
-    marker = f"{path}/{SETTINGS_FILE}"
-    if fs.exists(marker):
-        with fs.open(marker) as f:
-            try:
-                before = json.load(f)
-            except json.JSONDecodeError as err:
-                raise ValueError(
-                    f"{output_folder}/{SETTINGS_FILE} is not valid JSON ({err}); was it edited?"
-                ) from err
-        changed = setting_changes(before, settings)
-        if changed:
-            raise ValueError(
-                f"--output-folder {output_folder} was downloaded with other settings ({'; '.join(changed)}); "
-                "rerun with the same settings to resume, or use another --output-folder"
-            )
-        return
-    if fs.exists(path):
+    if not fs.exists(f"{path}/{SETTINGS_FILE}") and fs.exists(path):
         found = sorted(p.rsplit("/", 1)[-1] for p in fs.ls(path, detail=False))
         if found:
             raise ValueError(
@@ -327,7 +311,12 @@ def claim_output_folder(output_folder: str, settings: dict[str, Any]) -> None:
                 f"({', '.join(found[:3])}{', ...' if len(found) > 3 else ''}; no {SETTINGS_FILE}); "
                 "use a new or empty folder"
             )
-    atomic_write_bytes(fs, marker, json.dumps(settings, indent=1).encode())
+    check_settings(
+        f"{output_folder}/{SETTINGS_FILE}",
+        settings,
+        f"--output-folder {output_folder} holds shards",
+        "rerun with the same settings to resume, or use another --output-folder",
+    )
 
 
 def read_stats(fs: Any, path: str) -> dict[str, Any]:

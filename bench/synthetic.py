@@ -27,6 +27,7 @@ def write_synthetic_db(
 
     import pandas as pd
 
+    from pipelines.embed import write_row_ids
     from retrieval.database import DatabaseInfo
 
     ids = np.arange(len(emb), dtype=np.int64) * 3 + 7  # sparse on purpose: ids are not row numbers
@@ -37,6 +38,7 @@ def write_synthetic_db(
         pd.DataFrame({"image_id": ids[rows]}).to_parquet(
             os.path.join(path, "metadata", f"metadata_{part:05d}.parquet")
         )
+    write_row_ids(path)
     DatabaseInfo(clip_model=clip_model, dim=emb.shape[1], num_images=len(emb), num_parts=num_parts).write(
         path
     )

@@ -301,24 +301,38 @@ class SubindexConfig:
 
 
 def _build_band(db: str, band: dict[str, Any], config: IndexConfig) -> dict[str, Any]:
-    """Runs in a Ray task: select the band's images, build its index into bands/.tmp-<name>, rename into place."""
+    """Runs in a Ray task: select the band's images, build its index into bands/.tmp-<name>, rename into place.
+
+    The band's embeddings are copied part by part into bands/.tmp-<name>/emb/ and autofaiss builds from that
+    folder, as the index stage does from img_emb/, so memory stays at one part whatever the band's size; the
+    copy is removed once the index is built.
+    """
     from pipelines.index import build_faiss_index
     from retrieval.database import Band, Database
 
     database = Database.open(db)
-    scores = database.aesthetic_scores(database.ids)
-    mask = Band(band["name"], band["lower"], band["upper"], 0).contains(scores)
-    ids = database.ids[mask]
+    selector = Band(band["name"], band["lower"], band["upper"], 0)
     final = os.path.join(db, "bands", band["name"])
     tmp = os.path.join(db, "bands", f".tmp-{band['name']}")
     shutil.rmtree(tmp, ignore_errors=True)
-    os.makedirs(tmp)
+    os.makedirs(os.path.join(tmp, "emb"))
+    ids = []
+    for part, name in enumerate(database.part_names):
+        lo = int(database.part_ends[part - 1]) if part else 0
+        local = np.flatnonzero(selector.contains(database.aesthetic_part(part)))
+        if len(local):
+            # read whole (not memory-mapped), so each part's pages are let go before the next one
+            part_emb = np.load(os.path.join(db, "img_emb", f"img_emb_{name}.npy"))
+            np.save(os.path.join(tmp, "emb", f"img_emb_{name}.npy"), part_emb[local])
+            del part_emb
+            ids.append(np.asarray(database.ids[lo + local]))
+    band_ids = np.concatenate(ids) if ids else np.zeros(0, np.int64)
     infos: dict[str, Any] = {}
-    if len(ids):
-        emb = database.embeddings_at_rows(np.flatnonzero(mask))
-        infos = build_faiss_index(emb, tmp, "image.index", "index_infos.json", config)
-    np.save(os.path.join(tmp, "ids.npy"), ids)
-    record = {**band, "count": int(len(ids)), "index_key": infos.get("index_key")}
+    if len(band_ids):
+        infos = build_faiss_index(os.path.join(tmp, "emb"), tmp, "image.index", "index_infos.json", config)
+    shutil.rmtree(os.path.join(tmp, "emb"))
+    np.save(os.path.join(tmp, "ids.npy"), band_ids)
+    record = {**band, "count": int(len(band_ids)), "index_key": infos.get("index_key")}
     with open(os.path.join(tmp, "band.json"), "w") as f:
         json.dump(record, f)
     shutil.rmtree(final, ignore_errors=True)

@@ -2,7 +2,9 @@
 
 Ray Data reads the finished shards (those with a ``_stats.json``); a task stage, fused with the read,
 decodes and preprocesses images and tokenizes captions; an actor pool holds the CLIP model and embeds
-batches, so decoding overlaps inference. The driver gathers rows per shard and writes one part per shard, atomically::
+batches, so decoding overlaps inference. Each actor writes its batches' embeddings as pieces beside the
+output (<db>/_pieces/<shard>/); the driver only counts rows, and when a shard's rows are all in, a Ray task
+merges its pieces into the shard's part, atomically::
 
     <db>/img_emb/img_emb_<shard>.npy       [n, D] float32, L2-normalised, rows sorted by image_id
     <db>/text_emb/text_emb_<shard>.npy     [n, D] float32, L2-normalised (when captions exist)
@@ -168,24 +170,59 @@ def preprocess(batch: dict[str, np.ndarray], clip_model: str, enable_text: bool)
 
 
 class Embedder:
-    """Ray Data actor stage: holds the CLIP model; pixels/tokens -> L2-normalised embeddings."""
+    """Ray Data actor stage: holds the CLIP model; pixels/tokens -> L2-normalised embeddings, written where
+    they are computed as pieces under <output>/_pieces/<shard>/. Only (shard, rows) goes back to the driver."""
 
-    def __init__(self, clip_model: str, precision: str, torch_threads: int | None) -> None:
+    def __init__(self, clip_model: str, precision: str, torch_threads: int | None, output: str) -> None:
         import torch
 
         from retrieval.clip_model import ClipEncoder
 
         torch.set_num_threads(torch_threads or os.cpu_count() or 1)
         self.encoder = ClipEncoder(clip_model, precision=precision)
+        self.output = output
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, Any]:
         import torch
 
-        out = {k: batch[k] for k in ("key", "shard", "ok", "meta")}
-        out["img_emb"] = self.encoder.encode_images(torch.from_numpy(batch["pixels"])).numpy()
+        cols = {k: batch[k] for k in ("key", "ok", "meta")}
+        cols["img_emb"] = self.encoder.encode_images(torch.from_numpy(batch["pixels"])).numpy()
         if "tokens" in batch:
-            out["text_emb"] = self.encoder.encode_tokens(torch.from_numpy(batch["tokens"])).numpy()
-        return out
+            cols["text_emb"] = self.encoder.encode_tokens(torch.from_numpy(batch["tokens"])).numpy()
+        shards, counts = np.unique(batch["shard"], return_counts=True)
+        for shard in shards:
+            rows = batch["shard"] == shard
+            write_piece(self.output, int(shard), {k: v[rows] for k, v in cols.items()})
+        return {"shard": shards, "rows": counts}
+
+
+def _pieces_dir(output: str, shard_id: int) -> str:
+    return f"{output.rstrip('/')}/_pieces/{shard_id:05d}"
+
+
+def write_piece(output: str, shard_id: int, cols: dict[str, np.ndarray]) -> None:
+    """One batch's rows of one shard -> <output>/_pieces/<shard>/<uuid>.npz (no pickled objects inside)."""
+    import uuid
+
+    buf = io.BytesIO()
+    np.savez(buf, **{k: np.asarray(v, dtype=str) if v.dtype == object else v for k, v in cols.items()})
+    fs, _ = fsspec.core.url_to_fs(output)
+    atomic_write_bytes(fs, f"{_pieces_dir(output, shard_id)}/{uuid.uuid4().hex}.npz", buf.getvalue())
+
+
+def merge_part(output: str, shard_id: int, clip_model: str) -> dict[str, Any]:
+    """Ray task: a finished shard's pieces -> its part files (write_part), then the pieces are removed."""
+    fs, _ = fsspec.core.url_to_fs(output)
+    folder = _pieces_dir(output, shard_id)
+    pieces = []
+    for path in sorted(fs.ls(folder, detail=False)):
+        if path.endswith(".npz") and not path.rsplit("/", 1)[-1].startswith(".tmp-"):
+            with fs.open(path, "rb") as f, np.load(io.BytesIO(f.read()), allow_pickle=False) as z:
+                pieces.append({k: z[k] for k in z.files})
+    cols = {k: np.concatenate([p[k] for p in pieces]) for k in pieces[0]}
+    marker = write_part(output, shard_id, cols, clip_model)
+    fs.rm(folder, recursive=True)
+    return marker
 
 
 def _part_names(shard_id: int) -> dict[str, str]:
@@ -198,33 +235,35 @@ def _part_names(shard_id: int) -> dict[str, str]:
     }
 
 
-def write_part(output: str, shard_id: int, rows: list[dict[str, Any]], clip_model: str) -> dict[str, Any]:
-    """Write one shard's embeddings and metadata, sorted by image_id; the done marker goes last."""
+def write_part(output: str, shard_id: int, cols: dict[str, np.ndarray], clip_model: str) -> dict[str, Any]:
+    """Write one shard's embeddings and metadata, sorted by image_id; the done marker goes last.
+
+    cols: key, ok, meta (JSON strings), img_emb [n, D] and optionally text_emb [n, D], row for row.
+    """
     fs, root = fsspec.core.url_to_fs(output)
-    good = sorted((r for r in rows if r["ok"]), key=lambda r: int(r["key"]))
+    good = np.flatnonzero(cols["ok"])
+    good = good[np.argsort([int(k) for k in cols["key"][good]], kind="stable")]
     names = _part_names(shard_id)
-    img = np.stack([r["img_emb"] for r in good]).astype(np.float32) if good else None
-    if img is not None:
+    if len(good):
         metas = []
-        for r in good:
-            meta = {k: v for k, v in json.loads(r["meta"]).items() if k not in DROPPED_FIELDS}
-            meta["image_id"] = int(r["key"])
+        for i in good:
+            meta = {k: v for k, v in json.loads(str(cols["meta"][i])).items() if k not in DROPPED_FIELDS}
+            meta["image_id"] = int(cols["key"][i])
             metas.append(meta)
         table = pa.Table.from_pylist(metas)
         table = table.select(["image_id"] + [c for c in table.column_names if c != "image_id"])
         buf = io.BytesIO()
         pq.write_table(table, buf)
         atomic_write_bytes(fs, f"{root}/{names['meta']}", buf.getvalue())
-        atomic_write_bytes(fs, f"{root}/{names['img']}", _npy_bytes(img))
-        if "text_emb" in good[0]:
-            text = np.stack([r["text_emb"] for r in good]).astype(np.float32)
+        atomic_write_bytes(fs, f"{root}/{names['img']}", _npy_bytes(cols["img_emb"][good].astype(np.float32)))
+        if "text_emb" in cols:
+            text = cols["text_emb"][good].astype(np.float32)
             atomic_write_bytes(fs, f"{root}/{names['text']}", _npy_bytes(text))
-    dim = int(img.shape[1]) if img is not None else None
     marker = {
         "shard": shard_id,
         "num_images": len(good),
-        "num_failed": len(rows) - len(good),
-        "dim": dim,
+        "num_failed": len(cols["ok"]) - len(good),
+        "dim": int(cols["img_emb"].shape[1]) if len(good) else None,
         "clip_model": clip_model,
     }
     atomic_write_bytes(fs, f"{root}/{names['done']}", json.dumps(marker).encode())
@@ -250,6 +289,9 @@ def embed(config: EmbedConfig, ray_address: str | None = None) -> EmbedSummary:
     fs, root = fsspec.core.url_to_fs(config.output)
     for sub in ("img_emb", "text_emb", "metadata", "_parts"):
         fs.makedirs(f"{root}/{sub}", exist_ok=True)
+    for shard in todo:  # pieces a killed run left behind: the shard is embedded again from the start
+        if fs.exists(_pieces_dir(root, shard)):
+            fs.rm(_pieces_dir(root, shard), recursive=True)
 
     num_new = 0
     if todo:
@@ -278,31 +320,55 @@ def embed(config: EmbedConfig, ray_address: str | None = None) -> EmbedSummary:
                 "clip_model": config.clip_model,
                 "precision": config.precision,
                 "torch_threads": config.torch_threads,
+                "output": config.output,
             },
             batch_size=config.batch_size,
             compute=ray.data.ActorPoolStrategy(size=num_actors),
             num_gpus=1 if use_gpu else 0,
             num_cpus=embed_cpus,
         )
-        pending: dict[int, list[dict[str, Any]]] = defaultdict(list)
+        merge = ray.remote(num_cpus=0)(merge_part)
         expected = {s: n for s, (_, n) in todo.items()}
+        arrived: dict[int, int] = defaultdict(int)
+        merging = []
         with tqdm(total=sum(expected.values()), desc="embed images", unit="img") as bar:
             for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
-                n = len(batch["key"])
-                for i in range(n):
-                    row = {k: batch[k][i] for k in batch}
-                    shard = int(row["shard"])
-                    pending[shard].append(row)
-                    if len(pending[shard]) == expected[shard]:
-                        write_part(config.output, shard, pending.pop(shard), config.clip_model)
-                num_new += n
-                bar.update(n)
-        if pending:
-            raise RuntimeError(f"shards {sorted(pending)} yielded fewer samples than their stats files say")
+                for shard, rows in zip(batch["shard"].tolist(), batch["rows"].tolist(), strict=True):
+                    arrived[shard] += rows
+                    if arrived[shard] == expected[shard]:
+                        merging.append(merge.remote(config.output, shard, config.clip_model))
+                    num_new += rows
+                    bar.update(rows)
+        ray.get(merging)
+        short = sorted(s for s in todo if arrived[s] != expected[s])
+        if short:
+            raise RuntimeError(f"shards {short} yielded fewer samples than their stats files say")
 
     summary = finalize(config, num_skipped=len(skip), seconds=time.time() - start, num_new=num_new)
     print(summary.line(), flush=True)
     return summary
+
+
+def write_row_ids(db: str) -> int:
+    """<db>/image_ids.npy (every row's image id, parts in order) and <db>/parts.json (each part's row count),
+    streamed part by part, so Database.open memory-maps ids instead of reading every metadata part."""
+    from retrieval.database import PARTS, ROW_IDS
+    from retrieval.storage import atomic_open, list_parts
+
+    fs, root = fsspec.core.url_to_fs(db)
+    names = list_parts(f"{db.rstrip('/')}/metadata", "metadata_", ".parquet")
+    paths = [f"{root}/metadata/metadata_{n}.parquet" for n in names]
+    sizes = [pq.ParquetFile(fs.open(p)).metadata.num_rows for p in paths]
+    with atomic_open(fs, f"{root}/{ROW_IDS}") as f:
+        header = {"descr": "<i8", "fortran_order": False, "shape": (sum(sizes),)}
+        np.lib.format.write_array_header_1_0(f, header)
+        for p, n in zip(paths, sizes, strict=True):
+            ids = pq.read_table(fs.open(p), columns=["image_id"])["image_id"].to_numpy().astype("<i8")
+            if len(ids) != n:
+                raise ValueError(f"{p} changed while it was read; rerun `knn-diffusion embed`")
+            f.write(ids.tobytes())
+    atomic_write_bytes(fs, f"{root}/{PARTS}", json.dumps({"names": names, "sizes": sizes}).encode())
+    return sum(sizes)
 
 
 def finalize(config: EmbedConfig, num_skipped: int, seconds: float, num_new: int) -> EmbedSummary:
@@ -316,6 +382,7 @@ def finalize(config: EmbedConfig, num_skipped: int, seconds: float, num_new: int
         num_images += marker["num_images"]
         num_failed += marker["num_failed"]
         dim = marker["dim"] or dim
+    write_row_ids(config.output)
     DatabaseInfo(
         clip_model=config.clip_model,
         dim=dim,

@@ -7,9 +7,13 @@ order, which is also the metadata row order, so retrieval maps rows to image ids
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
+import os
+import shutil
 import time
+from collections.abc import Iterator
 from typing import Any
 
 import fsspec
@@ -55,12 +59,54 @@ def build_faiss_index(
 
     Built under temporary names and renamed into place, so a reader never sees half an index.
     """
-    from autofaiss import build_index
-
     fs, root = fsspec.core.url_to_fs(out_dir)
     fs.makedirs(root, exist_ok=True)
+    with numeric_order(embeddings, f"{root}/.tmp-order-{index_name}") as embeddings:
+        return _build_index(embeddings, fs, root, index_name, infos_name, config)
+
+
+@contextlib.contextmanager
+def numeric_order(embeddings: Any, scratch: str) -> Iterator[Any]:
+    """The embeddings as autofaiss will read them in part-number order.
+
+    autofaiss (embedding_reader) reads a folder's files in string order, and faiss row i must be metadata row
+    i in part-number order (retrieval.storage.list_parts). The two differ once a part number has more digits
+    than the zero padding (100000 sorts before 99999). Then the parts are presented through a scratch folder
+    of links named by position, removed afterwards.
+    """
+    import re
+
+    if not isinstance(embeddings, str):
+        yield embeddings
+        return
+    fs, folder = fsspec.core.url_to_fs(embeddings)
+    names = sorted(p.rsplit("/", 1)[-1] for p in fs.glob(f"{folder}/*.npy"))
+    numeric = sorted(names, key=lambda n: [int(d) for d in re.findall(r"\d+", n)] or [-1])
+    if names == numeric:
+        yield embeddings
+        return
+    if "://" in embeddings:
+        raise ValueError(
+            f"{embeddings}: part numbers past the zero padding ({numeric[-1]}) need a local folder to be indexed "
+            "in order; copy the database to local disk to build its index"
+        )
+    shutil.rmtree(scratch, ignore_errors=True)
+    os.makedirs(scratch)
+    try:
+        for i, name in enumerate(numeric):
+            os.symlink(os.path.abspath(os.path.join(folder, name)), os.path.join(scratch, f"{i:09d}.npy"))
+        yield scratch
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+
+
+def _build_index(
+    embeddings: Any, fs: Any, root: str, index_name: str, infos_name: str, config: IndexConfig
+) -> dict[str, Any]:
+    from autofaiss import build_index
+
     tmp_index, tmp_infos = f"{root}/.tmp-{index_name}", f"{root}/.tmp-{infos_name}"
-    source = embeddings if isinstance(embeddings, str) else f"{len(embeddings)} embeddings for {out_dir}"
+    source = embeddings if isinstance(embeddings, str) else f"{len(embeddings)} embeddings for {root}"
     hint = "raise --max-index-memory (or --current-memory-available), or force a smaller --index-key"
     try:
         index, infos = build_index(

@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+from collections.abc import Iterator
 from functools import cached_property
 
 import faiss
@@ -148,6 +149,85 @@ def normalize(queries: np.ndarray) -> np.ndarray:
     return q / np.maximum(np.linalg.norm(q, axis=1, keepdims=True), 1e-12)
 
 
+class NpyRows:
+    """Rows of a 2-D .npy file read with positioned reads: what a search gathers stays in this process's
+    memory only as long as it is used. A memory map would instead keep every page it touched (and the kernel's
+    read-ahead around it) resident in the process, so a long run of random lookups would grow towards the
+    size of the whole database's embeddings."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        with open(path, "rb") as f:
+            version = np.lib.format.read_magic(f)
+            shape, fortran, dtype = np.lib.format._read_array_header(f, version)  # noqa: SLF001
+            self.offset = f.tell()
+        if fortran or len(shape) != 2:
+            raise ValueError(f"{path} is not a 2-D C-ordered array; rerun `knn-diffusion embed`")
+        self.shape, self.dtype = shape, dtype
+        self.row_bytes = dtype.itemsize * shape[1]
+
+    def __len__(self) -> int:
+        return int(self.shape[0])
+
+    def take(self, rows: np.ndarray) -> np.ndarray:
+        """[len(rows), D] in the file's dtype; consecutive rows are read together."""
+        rows = np.asarray(rows, dtype=np.int64)
+        if not len(rows):
+            return np.empty((0, self.shape[1]), self.dtype)
+        if rows.min() < 0 or rows.max() >= self.shape[0]:
+            raise IndexError(f"rows outside 0..{self.shape[0] - 1} of {self.path}")
+        order = np.argsort(rows, kind="stable")
+        sorted_rows = rows[order]
+        out = np.empty((len(rows), self.shape[1]), self.dtype)
+        starts = np.flatnonzero(np.diff(sorted_rows, prepend=-2) != 1)  # runs of consecutive rows
+        ends = np.append(starts[1:], len(rows))
+        fd = os.open(self.path, os.O_RDONLY)
+        try:
+            for lo, hi in zip(starts, ends, strict=True):
+                first, count = int(sorted_rows[lo]), int(sorted_rows[hi - 1] - sorted_rows[lo] + 1)
+                data = os.pread(fd, count * self.row_bytes, self.offset + first * self.row_bytes)
+                block = np.frombuffer(data, self.dtype).reshape(count, self.shape[1])
+                out[order[lo:hi]] = block[sorted_rows[lo:hi] - first]
+        finally:
+            os.close(fd)
+        return out
+
+
+ROW_IDS = "image_ids.npy"  # [N] int64: the image id of every row, parts in order (faiss row order)
+PARTS = "parts.json"  # {"names": [...], "sizes": [...]}: each part's name and row count
+
+
+def read_row_ids(path: str, names: list[str]) -> tuple[np.ndarray, list[int]]:
+    """(image id of every row, memory-mapped; rows per part) of a database whose parts are `names`.
+
+    A database written before image_ids.npy existed has its ids read from every metadata part instead (all
+    in memory); rerunning `knn-diffusion embed` on it writes the file.
+    """
+    ids_path, parts_path = os.path.join(path, ROW_IDS), os.path.join(path, PARTS)
+    if not os.path.exists(ids_path) or not os.path.exists(parts_path):
+        part_ids = [
+            pq.read_table(os.path.join(path, "metadata", f"metadata_{n}.parquet"), columns=["image_id"])[
+                "image_id"
+            ].to_numpy()
+            for n in names
+        ]
+        ids = np.concatenate(part_ids) if part_ids else np.zeros(0, np.int64)
+        return ids.astype(np.int64), [len(x) for x in part_ids]
+    with open(parts_path) as f:
+        parts = json.load(f)
+    if parts["names"] != names:
+        raise ValueError(
+            f"{parts_path} lists other parts than {path}/metadata holds; rerun `knn-diffusion embed` "
+            "on this database to rewrite it"
+        )
+    ids = np.load(ids_path, mmap_mode="r")
+    if ids.dtype != np.int64 or ids.ndim != 1 or len(ids) != sum(parts["sizes"]):
+        raise ValueError(
+            f"{ids_path} is not one int64 id per row of {parts_path}; rerun `knn-diffusion embed` to rewrite it"
+        )
+    return ids, [int(n) for n in parts["sizes"]]
+
+
 class Database:
     """A local database folder. Open with Database.open(path); see search() and search_text()."""
 
@@ -164,7 +244,11 @@ class Database:
 
     @classmethod
     def open(cls, path: str, modality: str = "image", mmap: bool = True) -> Database:
-        """Load <path>/<modality>.index (memory-mapped when possible) and the image id of every row."""
+        """Load <path>/<modality>.index (memory-mapped when possible) and the image id of every row.
+
+        The row ids come from <path>/image_ids.npy, memory-mapped, so opening costs the same at any size and
+        every process on a node shares one copy in the page cache; parts.json gives each part's row count.
+        """
         from retrieval.storage import list_parts
 
         info = DatabaseInfo.read(path, "database")
@@ -175,18 +259,16 @@ class Database:
             )
         index = read_index(index_path, mmap)
         names = list_parts(os.path.join(path, "metadata"), "metadata_", ".parquet")
-        parts = [os.path.join(path, "metadata", f"metadata_{name}.parquet") for name in names]
-        part_ids = [pq.read_table(p, columns=["image_id"])["image_id"].to_numpy() for p in parts]
-        ids = np.concatenate(part_ids)
+        ids, sizes = read_row_ids(path, names)
         if len(ids) != index.ntotal:
             raise ValueError(
                 f"{path}: the index holds {index.ntotal} vectors but the metadata {len(ids)} rows; "
                 f"rebuild it with `knn-diffusion index --db {path}`"
             )
-        db = cls(path, index, ids.astype(np.int64), info)
+        db = cls(path, index, ids, info)
         db.mmap = mmap
         db.part_names = names
-        db.part_ends = np.cumsum([len(x) for x in part_ids])
+        db.part_ends = np.cumsum(sizes, dtype=np.int64)
         return db
 
     def __len__(self) -> int:
@@ -248,29 +330,38 @@ class Database:
             self._band_indexes[name] = (index, ids)
         return self._band_indexes[name]
 
-    @cached_property
-    def _aesthetic(self) -> np.ndarray:
-        from retrieval.storage import list_parts
-
-        folder = os.path.join(self.path, "aesthetic")
-        parts = [
-            os.path.join(folder, f"aesthetic_{p}.parquet")
-            for p in list_parts(folder, "aesthetic_", ".parquet")
-        ]
-        if not parts:
+    def aesthetic_part(self, part: int) -> np.ndarray:
+        """[rows of the part] float32 aesthetic scores of one part, checked row for row against its ids."""
+        name = self.part_names[part]
+        path = os.path.join(self.path, "aesthetic", f"aesthetic_{name}.parquet")
+        if not os.path.exists(path):
             raise FileNotFoundError(
-                f"{self.path} has no aesthetic scores; run `knn-diffusion aesthetic score --db {self.path}`"
+                f"{path} does not exist: {self.path} has no aesthetic scores for part {name}; "
+                f"run `knn-diffusion aesthetic score --db {self.path}`"
             )
-        table = pa.concat_tables([pq.read_table(p, columns=["image_id", "aesthetic"]) for p in parts])
-        if len(table) != len(self.ids) or not (table["image_id"].to_numpy() == self.ids).all():
+        table = pq.read_table(path, columns=["image_id", "aesthetic"])
+        lo, hi = (self.part_ends[part - 1] if part else 0), self.part_ends[part]
+        if len(table) != hi - lo or not (table["image_id"].to_numpy() == self.ids[lo:hi]).all():
             raise ValueError(
-                f"{self.path}/aesthetic does not cover the database's images; rerun `knn-diffusion aesthetic score`"
+                f"{path} does not cover part {name}'s images; rerun `knn-diffusion aesthetic score`"
             )
-        return table["aesthetic"].to_numpy()
+        return table["aesthetic"].to_numpy().astype(np.float32)
 
     def aesthetic_scores(self, image_ids: np.ndarray) -> np.ndarray:
-        """[n] float32 aesthetic scores of the given ids."""
-        return self._aesthetic[self.rows_of(image_ids)]
+        """[n] float32 aesthetic scores of the given ids (read from the parts they are in, one at a time)."""
+        rows = self.rows_of(image_ids)
+        out = np.empty(len(rows), np.float32)
+        for part, sel, local in self.rows_by_part(rows):
+            out[sel] = self.aesthetic_part(part)[local]
+        return out
+
+    def rows_by_part(self, rows: np.ndarray) -> Iterator[tuple[int, np.ndarray, np.ndarray]]:
+        """(part index, positions in `rows`, rows within the part) for each part that `rows` touch."""
+        part_of = np.searchsorted(self.part_ends, rows, side="right")
+        starts = np.concatenate([[0], self.part_ends[:-1]])
+        for part in np.unique(part_of):
+            sel = np.flatnonzero(part_of == part)
+            yield int(part), sel, rows[sel] - starts[part]
 
     def search_text(self, texts: list[str], k: int) -> SearchResult:
         """Embed texts with the database's own CLIP model, then search()."""
@@ -292,32 +383,21 @@ class Database:
         return rows
 
     @cached_property
-    def _embedding_parts(self) -> list[np.ndarray]:
-        """One memory map per img_emb part (never concatenated: that would read them all into memory)."""
-        return [
-            np.load(os.path.join(self.path, "img_emb", f"img_emb_{name}.npy"), mmap_mode="r")
-            for name in self.part_names
-        ]
+    def _embedding_files(self) -> list[NpyRows]:
+        """One row reader per img_emb part: rows are read on demand, never mapped or concatenated."""
+        return [NpyRows(os.path.join(self.path, "img_emb", f"img_emb_{name}.npy")) for name in self.part_names]
 
     def embeddings_at_rows(self, rows: np.ndarray) -> np.ndarray:
-        """[n, D] float32 embeddings of faiss/metadata rows, gathered part by part from the memory maps."""
+        """[n, D] float32 embeddings of faiss/metadata rows, read part by part from the files."""
         rows = np.asarray(rows, dtype=np.int64)
         out = np.empty((len(rows), self.dim), np.float32)
-        part_of = np.searchsorted(self.part_ends, rows, side="right")
-        starts = np.concatenate([[0], self.part_ends[:-1]])
-        for part in np.unique(part_of):
-            sel = np.flatnonzero(part_of == part)
-            out[sel] = self._embedding_parts[part][rows[sel] - starts[part]]
+        for part, sel, local in self.rows_by_part(rows):
+            out[sel] = self._embedding_files[part].take(local)
         return out
 
     def embeddings(self, image_ids: np.ndarray) -> np.ndarray:
         """[n, D] float32 image embeddings of the given ids."""
         return self.embeddings_at_rows(self.rows_of(image_ids))
-
-    @cached_property
-    def _metadata(self) -> pd.DataFrame:
-        parts = [os.path.join(self.path, "metadata", f"metadata_{name}.parquet") for name in self.part_names]
-        return pd.concat([pd.read_parquet(p) for p in parts], ignore_index=True)
 
     def images(self, image_ids: np.ndarray) -> dict[int, bytes]:
         """The encoded images (as downloaded into the shards) of the given ids, read from the shards' tars."""
@@ -331,12 +411,10 @@ class Database:
                 f"{self.path}/database.json records no shards, so its images cannot be shown"
             )
         image_ids = np.asarray(image_ids, dtype=np.int64)
-        rows = self.rows_of(image_ids)
-        keys = self._metadata["key"].to_numpy()
+        keys = self.metadata(image_ids)["key"].to_numpy()
         wanted: dict[str, dict[str, int]] = {}
-        for image_id, row in zip(image_ids, rows, strict=True):
-            part = self.part_names[int(np.searchsorted(self.part_ends, row, side="right"))]
-            wanted.setdefault(part, {})[str(keys[row])] = int(image_id)
+        for part, sel, _ in self.rows_by_part(self.rows_of(image_ids)):
+            wanted[self.part_names[part]] = {str(keys[i]): int(image_ids[i]) for i in sel}
         found: dict[int, bytes] = {}
         for part, by_key in wanted.items():
             tar = f"{shards.rstrip('/')}/{part}.tar"
@@ -348,8 +426,24 @@ class Database:
         return found
 
     def metadata(self, image_ids: np.ndarray) -> pd.DataFrame:
-        """Metadata rows (url, caption, ...) of the given ids, in the given order."""
-        return self._metadata.iloc[self.rows_of(image_ids)].reset_index(drop=True)
+        """Metadata rows (url, caption, ...) of the given ids, in the given order.
+
+        Only the parts holding the ids are read, one at a time, so memory follows the request, not the database.
+        """
+        rows = self.rows_of(image_ids)
+        pieces, order = [], []
+        for part, sel, local in self.rows_by_part(rows):
+            path = os.path.join(self.path, "metadata", f"metadata_{self.part_names[part]}.parquet")
+            pieces.append(pq.read_table(path).take(pa.array(local)).to_pandas())
+            order.append(sel)
+        if not pieces:
+            return (
+                pq.read_schema(os.path.join(self.path, "metadata", f"metadata_{self.part_names[0]}.parquet"))
+                .empty_table()
+                .to_pandas()
+            )
+        frame = pd.concat(pieces, ignore_index=True)
+        return frame.iloc[np.argsort(np.concatenate(order), kind="stable")].reset_index(drop=True)
 
 
 def read_neighbour_table(path: str) -> dict[str, np.ndarray]:

@@ -90,16 +90,14 @@ class ServeConfig:
 
 def _clip_resource(db: str, columns: tuple[str, ...]) -> Any:
     """clip_back's ClipResource for one database folder, with the CLIP loaded the way `embed` loads it."""
-    from clip_retrieval.clip_back import ClipResource, load_index, load_metadata_provider
+    from clip_retrieval.clip_back import ClipResource
 
     from retrieval.clip_model import ClipEncoder
-    from retrieval.database import DatabaseInfo
+    from retrieval.database import Database
 
-    encoder = ClipEncoder(
-        DatabaseInfo.read(db).clip_model, precision="fp32"
-    )  # clip_back feeds it float32 pixels
-    index = load_index(os.path.join(db, "image.index"), enable_faiss_memory_mapping=True)
-    metadata, _ = load_metadata_provider(db, False, False, index, list(columns), False)
+    database = Database.open(db)  # the index memory-mapped, as clip_back's load_index would
+    encoder = ClipEncoder(database.info.clip_model, precision="fp32")  # clip_back feeds it float32 pixels
+    index, metadata = database.index, DatabaseMetadata(database)
     return ClipResource(
         device=str(encoder.device),
         model=encoder.model,
@@ -116,6 +114,24 @@ def _clip_resource(db: str, columns: tuple[str, ...]) -> Any:
         metadata_is_ordered_by_ivf=False,
         aesthetic_embeddings=None,
     )
+
+
+class DatabaseMetadata:
+    """clip_back's metadata provider (get(faiss rows, columns) -> one dict per row), answered by
+    Database.metadata from the parts that hold the rows. clip_back's own parquet provider loads every part
+    into memory and orders them as strings, which past 99999 shards is not the index's row order."""
+
+    def __init__(self, database: Any) -> None:
+        self.database = database
+
+    def get(self, ids: Any, cols: list[str] | None = None) -> list[dict[str, Any]]:
+        import numpy as np
+
+        rows = np.asarray(ids, dtype=np.int64)
+        frame = self.database.metadata(np.asarray(self.database.ids)[rows])
+        if cols is not None:
+            frame = frame[[c for c in frame.columns if c in cols]]
+        return frame.to_dict(orient="records")
 
 
 def _host_check(wsgi_app: Any, trusted: list[str]) -> Any:

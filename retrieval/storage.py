@@ -2,7 +2,7 @@
 
 - Atomic writes through fsspec: write to a temporary name beside the target, then rename into place, so
   readers see the old file or the whole new one, never a part (write_atomic, and the encoders for what
-  we write: json_bytes, image_bytes, torch_bytes, parquet_bytes).
+  we write: json_bytes, image_bytes, torch_bytes, parquet_bytes); atomic_open streams a large file the same way.
 - The "settings changed, refuse" check of every stage that can resume (check_settings).
 - Part listing: the NNNNN ids of a database's parts (list_parts).
 - Shard reading: the samples of a webdataset tar grouped by key (tar_samples).
@@ -10,6 +10,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import os
@@ -25,11 +26,24 @@ IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")  # what the download stage's -
 
 def atomic_write_bytes(fs: Any, path: str, data: bytes) -> None:
     """Write `data` to `path` so that readers see either the old file or the whole new one, never a part."""
+    with atomic_open(fs, path) as f:
+        f.write(data)
+
+
+@contextlib.contextmanager
+def atomic_open(fs: Any, path: str) -> Iterator[Any]:
+    """A binary file to write `path` through, streamed under a temporary name beside it and renamed into place
+    when the block ends; if the block raises, the temporary file is removed and `path` is left as it was."""
     parent = path.rsplit("/", 1)[0]
     fs.makedirs(parent, exist_ok=True)
     tmp = f"{parent}/.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}-{path.rsplit('/', 1)[-1]}"
-    with fs.open(tmp, "wb") as f:
-        f.write(data)
+    try:
+        with fs.open(tmp, "wb") as f:
+            yield f
+    except BaseException:
+        if fs.exists(tmp):
+            fs.rm(tmp)
+        raise
     fs.mv(tmp, path)
 
 

@@ -281,3 +281,34 @@ def test_published_head_is_fetched_once_into_the_cache(tmp_path):
         )
     assert path == os.path.join(cache, "sa_0_4_vit_b_32_linear.pth")
     assert fetch_published("laion-v1:ViT-B-32", cache=cache) == path  # server gone: the cache answers
+
+
+def test_band_index_is_built_from_a_folder_of_band_parts_not_an_array_in_memory(scored_db, monkeypatch):
+    """autofaiss gets a folder it reads in batches (the index stage's way), holding exactly the band's
+    embeddings part by part; before, the band's embeddings were gathered into one array in RAM."""
+    import pipelines.index
+    from pipelines.aesthetic import _build_band
+
+    path, emb, ids, _, _ = scored_db
+    db = Database.open(path)
+    seen = {}
+    real = pipelines.index.build_faiss_index
+
+    def spy(embeddings, *args, **kwargs):
+        assert isinstance(embeddings, str), "the band's embeddings must reach autofaiss as a folder"
+        files = sorted(os.listdir(embeddings))
+        seen["parts"] = files
+        seen["emb"] = np.concatenate([np.load(os.path.join(embeddings, f)) for f in files])
+        return real(embeddings, *args, **kwargs)
+
+    monkeypatch.setattr(pipelines.index, "build_faiss_index", spy)
+    band = {"name": "probe", "lower": 4.7, "upper": None}
+    record = _build_band(os.path.abspath(path), band, IndexConfig(db=path, index_key="Flat"))
+    inside = db.aesthetic_scores(ids) >= 4.7
+    assert record["count"] == inside.sum() > 0
+    assert len(seen["parts"]) == 3  # one file per database part that has band members
+    np.testing.assert_allclose(seen["emb"], emb[inside], atol=1e-6)
+    band_dir = os.path.join(path, "bands", "probe")
+    assert not os.path.exists(os.path.join(band_dir, "emb"))  # the copy is gone once the index is built
+    assert np.array_equal(np.load(os.path.join(band_dir, "ids.npy")), ids[inside])
+    shutil.rmtree(band_dir)

@@ -254,10 +254,10 @@ def _metrics_callback(config: TrainConfig) -> Any:
         def __init__(self) -> None:
             self.path = _join(config.output, "metrics.csv")
             self.bar: Any = None
+            self.last_step: int | None = None
             self.start = time.time()
 
         def after_report(self, run_context: Any, metrics: list[dict[str, Any]], checkpoint: Any) -> None:
-            rows = read_metrics(self.path)
             step = int(metrics[0]["step"])
             row = {
                 "step": step,
@@ -270,8 +270,12 @@ def _metrics_callback(config: TrainConfig) -> Any:
                 "start_step": min(m["start_step"] for m in metrics),
                 "time": time.time() - self.start,
             }
-            rows = [r for r in rows if r["step"] < step] + [row]  # a resumed run rewrites what it repeats
-            write_metrics(self.path, rows)
+            if self.last_step is None or step <= self.last_step:
+                # a resumed run, or a worker group restarted from a checkpoint: drop the rows it repeats, once
+                write_metrics(self.path, [r for r in read_metrics(self.path) if r["step"] < step] + [row])
+            else:  # then one line per report: the file is not read back or rewritten while training goes on
+                append_metrics(self.path, row)
+            self.last_step = step
             if self.bar is None:
                 self.bar = tqdm(total=config.steps, initial=step, desc="train", unit="step")
             self.bar.update(step - self.bar.n)
@@ -299,6 +303,17 @@ def write_metrics(path: str, rows: list[dict[str, float]]) -> None:
     writer.writerows(rows)
     fs, p = fsspec.core.url_to_fs(path)
     atomic_write_bytes(fs, p, buf.getvalue().encode())
+
+
+def append_metrics(path: str, row: dict[str, float]) -> None:
+    buf = io.StringIO()
+    csv.DictWriter(buf, fieldnames=METRIC_FIELDS).writerow(row)
+    fs, p = fsspec.core.url_to_fs(path)
+    try:
+        with fs.open(p, "ab") as f:
+            f.write(buf.getvalue().encode())
+    except (NotImplementedError, ValueError):  # object stores cannot append: rewrite the file instead
+        write_metrics(path, read_metrics(path) + [row])
 
 
 def plot_loss(rows: list[dict[str, float]], path: str, size: tuple[int, int] = (640, 360)) -> None:

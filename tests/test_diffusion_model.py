@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import itertools
+
 import pytest
 import torch
 
@@ -181,6 +183,81 @@ def test_deterministic_samplers_converge_with_more_steps():
         errors.append(((ddim - ref).abs().mean().item(), (dpm - ref).abs().mean().item()))
     assert errors[1][0] < errors[0][0] and errors[1][1] < errors[0][1]
     assert errors[0][1] < errors[0][0]  # the second-order solver is closer at few steps
+
+
+class GaussianData:
+    """Data x0 ~ N(mu, s^2) per pixel: its exact denoiser and the closed forms the samplers must reproduce.
+
+    For x_t = sqrt(abar) x0 + sqrt(1 - abar) eps, E[x0 | x_t] = mu + sqrt(abar) s^2 / v (x_t - sqrt(abar) mu)
+    with v = abar s^2 + 1 - abar (Gaussian conditioning), and the probability-flow ODE maps x_T to
+    mu + s / sqrt(v_T) (x_T - sqrt(abar_T) mu): a monotone map that carries N(sqrt(abar_T) mu, v_T) onto the data.
+    """
+
+    mu, s = 0.3, 0.5
+
+    def __init__(self, abar: torch.Tensor) -> None:
+        self.abar = abar.double()
+
+    def x0(self, x: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
+        return self.mu + a.sqrt() * self.s**2 / (a * self.s**2 + 1 - a) * (x.double() - a.sqrt() * self.mu)
+
+    def __call__(self, x: torch.Tensor, t: int) -> torch.Tensor:  # the exact eps denoiser
+        a = self.abar[t]
+        return ((x.double() - a.sqrt() * self.x0(x, a)) / (1 - a).sqrt()).float()
+
+    def ode_solution(self, x: torch.Tensor, t: int) -> torch.Tensor:
+        a = self.abar[t]
+        return self.mu + self.s / (a * self.s**2 + 1 - a).sqrt() * (x.double() - a.sqrt() * self.mu)
+
+
+def test_samplers_match_closed_forms_on_gaussian_data():
+    abar = cosine_alphas_cumprod(T)
+    data = GaussianData(abar)
+    x = torch.randn(100_000, generator=torch.Generator().manual_seed(0))
+    # one DDIM step into abar = 1 is the posterior mean (Tweedie); so is DPM-Solver++'s first step
+    for sampler in (sample_ddim, sample_dpmpp_2m):
+        out = sampler(data, x, [60], abar, clip_x0=False).double()
+        torch.testing.assert_close(out, data.x0(x, abar[60].double()), atol=1e-5, rtol=0)
+    # both solve the probability-flow ODE: DDIM to first order, DPM-Solver++(2M) to second order
+    exact = data.ode_solution(x, T - 1)
+    errors = {}
+    for name, sampler in (("ddim", sample_ddim), ("dpmpp_2m", sample_dpmpp_2m)):
+        errors[name] = [
+            (sampler(data, x, sampling_timesteps(T, n), abar, clip_x0=False).double() - exact)
+            .abs()
+            .max()
+            .item()
+            for n in (20, 40, 80)
+        ]
+    ddim, dpm = errors["ddim"], errors["dpmpp_2m"]
+    assert all(1.6 < a / b < 2.4 for a, b in itertools.pairwise(ddim)), ddim  # error halves per doubling
+    assert all(a / b > 3.5 for a, b in itertools.pairwise(dpm)), dpm  # error quarters (or better)
+    assert dpm[-1] < 0.01 and dpm[-1] < ddim[-1] / 5
+
+
+def test_ddpm_matches_the_variance_recursion_of_its_gaussian_posterior():
+    """Ancestral sampling with the exact x0 is a linear Gaussian chain; its output mean and variance follow from
+    q(x_prev | x_t, x0) written by Gaussian conditioning (not the sampler's own coefficients)."""
+    abar = cosine_alphas_cumprod(T)
+    data = GaussianData(abar)
+    steps = sampling_timesteps(T, 10)
+    x = torch.randn(400_000, generator=torch.Generator().manual_seed(0))
+    out = sample_ddpm(
+        data, x, steps, abar, generator=torch.Generator().manual_seed(1), clip_x0=False
+    ).double()
+    mean, var = torch.tensor(0.0, dtype=torch.float64), torch.tensor(1.0, dtype=torch.float64)
+    for i, t in enumerate(steps):
+        a = abar[t].double()
+        a_prev = abar[steps[i + 1]].double() if i + 1 < len(steps) else torch.tensor(1.0, dtype=torch.float64)
+        cov, var_t = (a / a_prev).sqrt() * (1 - a_prev), 1 - a  # of x_prev and x_t given x0
+        gain = data.s**2 * a.sqrt() / (a * data.s**2 + 1 - a)  # d x0_hat / d x_t
+        c_x0, c_xt = a_prev.sqrt() - cov / var_t * a.sqrt(), cov / var_t  # posterior mean coefficients
+        slope = c_x0 * gain + c_xt
+        mean = c_x0 * (data.mu - gain * a.sqrt() * data.mu) + slope * mean
+        var = slope**2 * var + (1 - a_prev - cov**2 / var_t)
+    assert abs(out.mean().item() - mean.item()) < 0.005
+    assert abs(out.std().item() / var.sqrt().item() - 1) < 0.01, (out.std().item(), var.sqrt().item())
+    assert var.sqrt().item() < 0.95 * data.s  # ten steps shrink the spread: the recursion is not trivially s
 
 
 def test_tiny_model_overfits_a_handful_of_images():

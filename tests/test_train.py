@@ -93,29 +93,81 @@ def test_a_killed_worker_is_survived(train_db, tmp_path):
     assert state_of(out)["step"] == 9
 
 
-def test_sample_from_any_database_is_deterministic(train_db, tmp_path):
+@pytest.fixture(scope="module")
+def other_db(train_db, shards, tiny_clip, tmp_path_factory):
+    """A second database, embedded by the same CLIP from shard 00002 alone: images the first run also saw,
+    but a different collection to retrieve from (ids, size, index)."""
+    import shutil
+
+    from pipelines.embed import EmbedConfig, embed
+    from pipelines.index import IndexConfig, build
+
+    root = tmp_path_factory.mktemp("other")
+    for name in ("00002.tar", "00002_stats.json", "00002.parquet"):
+        if os.path.exists(os.path.join(shards, name)):
+            shutil.copy(os.path.join(shards, name), root / name)
+    db = str(root / "db")
+    embed(EmbedConfig(shards=str(root), output=db, clip_model=tiny_clip, batch_size=16))
+    build(IndexConfig(db=db, index_key="Flat", max_index_memory="1G", current_memory_available="4G"))
+    return db
+
+
+def test_sample_from_any_database_is_deterministic(train_db, other_db, tmp_path):
+    """Trained on train_db, sampled against train_db and against another database: the neighbours (and so the
+    images) come from the database asked for, and each is reproducible with a seed."""
+    from PIL import Image
+
     from diffusion.sample import SampleConfig, sample
+    from retrieval.database import Database
 
     run = str(tmp_path / "run")
     train(config_for(train_db, run, steps=3))
-    outputs = []
-    for name in ("a", "b"):
+    grids, records = {}, {}
+    for name, db in (("a", train_db), ("a2", train_db), ("b", other_db)):
         config = SampleConfig(
             checkpoint=run,
-            database=train_db,
+            database=db,
             output=str(tmp_path / name),
             prompts=["a red circle", "a blue square"],
             steps=5,
             num_per_prompt=2,
             seed=7,
         )
-        record = sample(config)
-        outputs.append(np.asarray(__import__("PIL.Image").Image.open(tmp_path / name / "grid.png")))
-    assert np.array_equal(outputs[0], outputs[1])
-    assert len(record["prompts"]) == 2 and len(record["prompts"][0]["neighbour_ids"]) == 4
+        records[name] = sample(config)
+        grids[name] = np.asarray(Image.open(tmp_path / name / "grid.png"))
+    assert np.array_equal(grids["a"], grids["a2"])  # same database, same seed: the same images
+    other_ids = set(Database.open(other_db).ids.tolist())
+    assert len(other_ids) < len(Database.open(train_db))
+    for prompt in records["b"]["prompts"]:
+        assert len(prompt["neighbour_ids"]) == 4 and set(prompt["neighbour_ids"]) <= other_ids
+    swapped = [
+        p["neighbour_ids"] != q["neighbour_ids"]
+        for p, q in zip(records["a"]["prompts"], records["b"]["prompts"], strict=True)
+    ]
+    assert any(swapped)  # the other database answers differently, and the model's prediction follows it
+    # (three steps barely move the PNGs, so this is checked on the network's output)
+    from diffusion.sample import load_model, retrieval_condition
+    from retrieval.clip_model import cached_encoder
+
+    model, train_config, _ = load_model(
+        run, False
+    )  # the trained weights (the EMA has barely moved in 3 steps)
+    x, t = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0)), torch.full((2,), 500)
+    outs, conds = [], []
+    for db in (train_db, other_db):
+        database = Database.open(db)
+        query = (
+            cached_encoder(database.info.clip_model).encode_texts(["a red circle", "a blue square"]).numpy()
+        )
+        cond, _ = retrieval_condition(database, query, train_config)
+        conds.append(cond["neighbours"])
+        with torch.no_grad():
+            outs.append(model(x, t, drop=torch.zeros(2, dtype=torch.bool), **cond))
+    assert (conds[0] - conds[1]).abs().max() > 1e-3  # the other database's neighbour embeddings condition it
+    assert not torch.equal(outs[0], outs[1])  # and the prediction depends on them
     with open(tmp_path / "a" / "samples.json") as f:
         saved = json.load(f)
-    assert saved["prompts"][1]["neighbour_ids"] == record["prompts"][1]["neighbour_ids"]
+    assert saved["prompts"][1]["neighbour_ids"] == records["a"]["prompts"][1]["neighbour_ids"]
     assert (tmp_path / "a" / "neighbours.png").exists()  # the retrieved images, read from the shards
     with pytest.raises(ValueError, match="k=4"):
         sample(
@@ -249,3 +301,41 @@ def test_checkpoint_discovery_memory_maps_local_states(tmp_path, monkeypatch):
     monkeypatch.setattr(torch, "load", lambda *a, **k: seen.append(k.get("mmap")) or real(*a, **k))
     assert _step_of(fsspec.filesystem("file"), str(path)) == 3
     assert seen == [True]
+
+
+def test_metrics_log_appends_a_line_per_report_and_trims_once_on_resume(tmp_path):
+    """metrics.csv used to be read and rewritten whole at every report (quadratic in the run's length)."""
+    from diffusion.train import _metrics_callback
+
+    out = str(tmp_path / "run")
+    os.makedirs(out)
+    config = TrainConfig(db="db", neighbours="nb", output=out, steps=10)
+
+    def report(log, step):
+        worker = {
+            "step": step,
+            "loss": 1.0 / step,
+            "samples_per_s": 5.0,
+            "data_wait_fraction": 0.1,
+            "lr": 1e-3,
+            "param_sum": 2.0,
+            "start_step": 0,
+        }
+        log.after_report(None, [worker, dict(worker, loss=3.0 / step)], None)
+
+    log = _metrics_callback(config)
+    path = os.path.join(out, "metrics.csv")
+    for step in (1, 2, 3):
+        report(log, step)
+        if step == 1:
+            inode = os.stat(path).st_ino
+    assert os.stat(path).st_ino == inode  # appended in place, never replaced
+    rows = read_metrics(path)
+    assert [r["step"] for r in rows] == [1, 2, 3] and rows[1]["loss"] == pytest.approx(1.0)
+    report(log, 3)  # the worker group restarted from the step-2 checkpoint: step 3 is replaced, not repeated
+    assert [r["step"] for r in read_metrics(path)] == [1, 2, 3]
+    resumed = _metrics_callback(config)  # a resumed run restarts at step 2: rows 2 and 3 are replaced
+    report(resumed, 2)
+    assert [r["step"] for r in read_metrics(path)] == [1, 2]
+    report(resumed, 3)
+    assert [r["step"] for r in read_metrics(path)] == [1, 2, 3]

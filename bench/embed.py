@@ -329,11 +329,15 @@ def precision_agreement(reference_out: str, other_out: str, k: int = 10) -> dict
     excluded)."""
     from bench.peers import load_embedding_folder
 
-    ref, _, ref_meta = load_embedding_folder(reference_out)
-    other, _, meta = load_embedding_folder(other_out)
+    ref, ref_text, ref_meta = load_embedding_folder(reference_out)
+    other, other_text, meta = load_embedding_folder(other_out)
     order = {str(key): i for i, key in enumerate(meta["key"])}
-    other = other[[order[str(key)] for key in ref_meta["key"]]]
+    rows = [order[str(key)] for key in ref_meta["key"]]
+    other = other[rows]
     cos = cosines(ref, other)
+    text_cos = (
+        cosines(ref_text, other_text[rows]) if ref_text is not None and other_text is not None else None
+    )
     k = min(k, len(ref) - 1)
 
     def top(emb: np.ndarray) -> np.ndarray:
@@ -347,6 +351,7 @@ def precision_agreement(reference_out: str, other_out: str, k: int = 10) -> dict
     off_diagonal = pairwise[~np.eye(len(ref), dtype=bool)]
     return {
         "min_cosine": float(cos.min()),
+        "min_text_cosine": None if text_cos is None else float(text_cos.min()),
         "mean_cosine": float(cos.mean()),
         "recall_at_k": float(recall),
         "k": k,
@@ -398,7 +403,8 @@ def print_table(r: dict[str, Any]) -> None:
     for p, a in r["precision_agreement"].items():
         print(
             f"  ours {p} vs ours {r['reference_precision']}: min cosine {a['min_cosine']:.6f} "
-            f"(mean {a['mean_cosine']:.6f}), recall@{a['k']} {a['recall_at_k']:.3f} "
+            f"(mean {a['mean_cosine']:.6f}; captions {fmt(a.get('min_text_cosine'), '.6f')}), "
+            f"recall@{a['k']} {a['recall_at_k']:.3f} "
             f"(pairwise cosine of {r['reference_precision']} embeddings {a['reference_pairwise_cosine_mean']:.3f} "
             f"+- {a['reference_pairwise_cosine_sd']:.3f})"
         )

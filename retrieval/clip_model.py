@@ -90,7 +90,7 @@ def pick_device_and_precision(
     if precision not in PRECISIONS:
         raise ValueError(f"--precision must be one of {PRECISIONS}, got {precision!r}")
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    if precision == "int8":  # the image tower runs in onnxruntime (Int8ImageTower); the text tower in fp32
+    if precision == "int8":  # both towers run in onnxruntime (Int8Tower); the rest of the model stays fp32
         if dev.type != "cpu":
             raise ValueError(
                 f"--precision int8 is the CPU path (onnxruntime int8 kernels); on {dev.type} use auto (bf16/fp16)"
@@ -168,7 +168,12 @@ class ClipEncoder:
         self.preprocess = preprocess
         self.tokenizer = open_clip.get_tokenizer(config)
         self.dim = int(self.model.visual.output_dim)
-        self.int8 = Int8ImageTower(self.model.visual, _int8_cache_key(spec)) if precision == "int8" else None
+        self.int8 = self.int8_text = None
+        if precision == "int8":
+            key, side = _int8_cache_key(spec), _image_side(self.model.visual)
+            self.int8 = Int8Tower(self.model.visual, torch.zeros(2, 3, side, side), f"{key}-image")
+            if trims_text(self.model):
+                self.int8_text = Int8TextTower(self.model, key, self.model.attn_mask.shape[0])
         log.info("CLIP %s on %s in %s", name, self.device, self.dtype)
 
     def _autocast(self) -> Any:
@@ -189,6 +194,8 @@ class ClipEncoder:
 
     @torch.inference_mode()
     def encode_tokens(self, tokens: torch.Tensor) -> torch.Tensor:
+        if self.int8_text is not None:
+            return F.normalize(self.int8_text(tokens), dim=-1)
         tokens = tokens.to(self.device)
         with self._autocast():
             emb = encode_text_trimmed(self.model, tokens)
@@ -198,18 +205,27 @@ class ClipEncoder:
         return self.encode_tokens(self.tokenizer(list(texts)))
 
 
-class Int8ImageTower:
-    """An image tower with int8 matrix products: exported to ONNX, dynamically quantised, run by onnxruntime.
+class Int8Tower:
+    """A CLIP tower with int8 matrix products: exported to ONNX, dynamically quantised, run by onnxruntime.
 
     Weights of every MatMul/Gemm become int8 (per output channel); activations are quantised per batch at run
-    time, so no calibration data is needed. Convolutions (the patch embedding) stay fp32. On CPUs with
-    AVX512-VNNI or AVX-VNNI this runs the image tower about 3x faster than fp32 torch (bench/embed.py), where
-    torch's own dynamic quantisation reaches only nn.Linear layers (the MLPs, not attention's projections).
+    time, so no calibration data is needed. Convolutions (the patch embedding) and embeddings stay fp32. On CPUs
+    with AVX512-VNNI or AVX-VNNI this runs the image tower about 3x faster than fp32 torch (bench/embed.py),
+    where torch's own dynamic quantisation reaches only nn.Linear layers (the MLPs, not attention's
+    projections). The text tower is exported from TextTower, so it keeps the exact trimming of padding.
     Measured against fp32 embeddings in bench/embed.py (cosine and recall@10).
+
+    module: the tower (one input, one output). example: an input of the right shape (its batch axis stays
+    dynamic; the others are fixed: MultiheadAttention's reshapes are traced with the example's sequence
+    length). cache_key: the quantised model is kept under this name.
     """
 
     def __init__(
-        self, visual: torch.nn.Module, cache_key: str | None = None, threads: int | None = None
+        self,
+        module: torch.nn.Module,
+        example: torch.Tensor,
+        cache_key: str | None = None,
+        threads: int | None = None,
     ) -> None:
         import onnxruntime as ort
 
@@ -218,7 +234,7 @@ class Int8ImageTower:
             with open(cached, "rb") as f:
                 model = f.read()
         else:
-            model = quantise_image_tower(visual)
+            model = quantise_tower(module, example)
             if cached:  # export + quantisation take ~10 s for ViT-B/32; every later actor reads the file
                 import fsspec
 
@@ -229,37 +245,72 @@ class Int8ImageTower:
         options.intra_op_num_threads = threads or torch.get_num_threads()
         options.inter_op_num_threads = 1
         self.session = ort.InferenceSession(model, options, providers=["CPUExecutionProvider"])
+        self.dtype = example.dtype
 
-    def __call__(self, pixels: torch.Tensor) -> torch.Tensor:
-        (out,) = self.session.run(None, {"pixels": pixels.float().contiguous().cpu().numpy()})
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        (out,) = self.session.run(None, {"input": x.to(self.dtype).contiguous().cpu().numpy()})
         return torch.from_numpy(out)
 
 
-def quantise_image_tower(visual: torch.nn.Module) -> bytes:
-    """The image tower as a serialised ONNX model whose MatMul/Gemm weights are int8 (per output channel)."""
+class TextTower(torch.nn.Module):
+    """open_clip CLIP's text tower on tokens already trimmed after the batch's last end-of-text token
+    (encode_text_trimmed), as one module to export."""
+
+    def __init__(self, model: Any) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        return _text_forward(self.model, tokens)
+
+
+class Int8TextTower:
+    """The text tower in int8 (Int8Tower), one exported graph per token-length bucket, each made (and cached)
+    when a batch first needs it. A batch is trimmed after its last end-of-text token, as in fp32, then padded
+    with zeros up to its bucket: the tower is causal and pools at the end-of-text token, so that padding
+    cannot change the result."""
+
+    BUCKETS = (8, 16, 24, 32, 48, 77)
+
+    def __init__(self, model: Any, cache_key: str, context_length: int = 77) -> None:
+        self.tower, self.key = TextTower(model), cache_key
+        self.buckets = sorted({min(b, context_length) for b in self.BUCKETS})
+        self.sessions: dict[int, Int8Tower] = {}
+
+    def __call__(self, tokens: torch.Tensor) -> torch.Tensor:
+        tokens = trim_tokens(tokens)
+        length = next(b for b in self.buckets if b >= tokens.shape[1])
+        if length not in self.sessions:
+            with torch.inference_mode(False):  # called from encode_tokens; tracing needs normal tensors
+                example = torch.zeros(2, length, dtype=torch.long)
+                example[:, -1] = 1  # any position works as the end-of-text token for tracing
+                self.sessions[length] = Int8Tower(self.tower, example, f"{self.key}-text{length}")
+        return self.sessions[length](F.pad(tokens, (0, length - tokens.shape[1])))
+
+
+def quantise_tower(module: torch.nn.Module, example: torch.Tensor) -> bytes:
+    """A tower as a serialised ONNX model whose MatMul/Gemm weights are int8 (per output channel)."""
     import tempfile
 
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
-    size = visual.image_size
-    side = size[0] if isinstance(size, (tuple, list)) else int(size)
     quant_log = logging.getLogger()  # onnxruntime.quantization warns on the root logger about pre-processing
     level = quant_log.level
     with tempfile.TemporaryDirectory(prefix="clip-int8-") as tmp:
-        fp32, int8 = os.path.join(tmp, "visual.onnx"), os.path.join(tmp, "visual-int8.onnx")
+        fp32, int8 = os.path.join(tmp, "tower.onnx"), os.path.join(tmp, "tower-int8.onnx")
         # With autograd on, nn.MultiheadAttention takes its composite path; its inference fast path
         # (aten::_native_multi_head_attention) has no ONNX export.
         # The TorchScript exporter (pinned torch 2.14; the dynamo one needs onnxscript) warns that it is legacy
         # and that MultiheadAttention's shape checks are traced as constants: the batch axis stays dynamic.
         with torch.inference_mode(False), torch.enable_grad(), warnings.catch_warnings():
-            warnings.simplefilter("ignore", (DeprecationWarning, torch.jit.TracerWarning))
+            warnings.simplefilter("ignore", (DeprecationWarning, torch.jit.TracerWarning, UserWarning))
             torch.onnx.export(
-                visual.float().eval(),
-                (torch.zeros(2, 3, side, side),),
+                module.float().eval(),
+                (example,),
                 fp32,
-                input_names=["pixels"],
+                input_names=["input"],
                 output_names=["embedding"],
-                dynamic_axes={"pixels": {0: "batch"}, "embedding": {0: "batch"}},
+                dynamic_axes={"input": {0: "batch"}, "embedding": {0: "batch"}},
                 opset_version=17,
                 dynamo=False,
             )
@@ -276,6 +327,11 @@ def quantise_image_tower(visual: torch.nn.Module) -> bytes:
             quant_log.setLevel(level)
         with open(int8, "rb") as f:
             return f.read()
+
+
+def _image_side(visual: torch.nn.Module) -> int:
+    size = visual.image_size
+    return size[0] if isinstance(size, (tuple, list)) else int(size)
 
 
 def int8_cache_dir() -> str:
@@ -300,6 +356,22 @@ def _int8_cache_key(spec: ClipSpec) -> str:
     return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:32]
 
 
+def trims_text(model: Any) -> bool:
+    """Whether the model's text tower is open_clip's causal, argmax-pooled one (so padding can be trimmed)."""
+    import open_clip
+
+    return (
+        type(model) is open_clip.CLIP
+        and getattr(model, "text_pool_type", None) == "argmax"
+        and getattr(model, "attn_mask", None) is not None
+    )
+
+
+def trim_tokens(tokens: torch.Tensor) -> torch.Tensor:
+    """Tokens [B, 77] cut after the batch's last end-of-text token (the largest id, so argmax finds it)."""
+    return tokens[:, : int(tokens.argmax(dim=-1).max()) + 1]
+
+
 def encode_text_trimmed(model: Any, tokens: torch.Tensor) -> torch.Tensor:
     """open_clip's CLIP.encode_text, run only up to the last end-of-text token of the batch.
 
@@ -307,16 +379,13 @@ def encode_text_trimmed(model: Any, tokens: torch.Tensor) -> torch.Tensor:
     padding after it cannot change the result: dropping it is exact and saves most of the compute for
     short captions (77 positions -> ~15 for typical alt-texts). Other text towers run unchanged.
     """
-    import open_clip
-
-    if not (
-        type(model) is open_clip.CLIP
-        and getattr(model, "text_pool_type", None) == "argmax"
-        and getattr(model, "attn_mask", None) is not None
-    ):
+    if not trims_text(model):
         return model.encode_text(tokens)
-    length = int(tokens.argmax(dim=-1).max()) + 1
-    tokens = tokens[:, :length]
+    return _text_forward(model, trim_tokens(tokens))
+
+
+def _text_forward(model: Any, tokens: torch.Tensor) -> torch.Tensor:
+    length = tokens.shape[1]
     cast_dtype = model.transformer.get_cast_dtype()
     x = model.token_embedding(tokens).to(cast_dtype)
     x = x + model.positional_embedding[:length].to(cast_dtype)

@@ -53,7 +53,7 @@ def test_encoder_outputs_unit_vectors(tiny_clip):
     assert torch.allclose(emb.norm(dim=-1), torch.ones(2), atol=1e-4)
 
 
-def test_int8_image_tower_agrees_with_fp32_and_is_cached(tiny_clip, tmp_path, monkeypatch):
+def test_int8_towers_agree_with_fp32_and_are_cached(tiny_clip, tmp_path, monkeypatch):
     import onnx
 
     import retrieval.clip_model as cm
@@ -69,21 +69,30 @@ def test_int8_image_tower_agrees_with_fp32_and_is_cached(tiny_clip, tmp_path, mo
     assert torch.allclose(b.norm(dim=-1), torch.ones(6), atol=1e-4)
     cos = (a * b).sum(-1)
     assert cos.min() > 0.999 and not torch.allclose(a, b, atol=1e-6)  # close, and really quantised
-    (cached,) = list((tmp_path / "clip-int8").glob("*.onnx"))
-    graph = onnx.load(str(cached)).graph
-    weights = {init.name for init in graph.initializer}
-    assert sum(node.op_type == "MatMulInteger" for node in graph.node) >= 4 * 12  # 4 per layer of ViT-S/32
-    # every product with a weight is an integer one; only attention's activation x activation stays float
-    assert not [n.name for n in graph.node if n.op_type in ("MatMul", "Gemm") and weights & set(n.input)]
-    # the text tower is untouched
-    assert torch.equal(fp32.encode_texts(["a red square"]), int8.encode_texts(["a red square"]))
+    # captions of several lengths: trimmed, padded to their length bucket, each bucket exported once
+    texts = ["a red square", "a large blue circle in the top left corner on a plain green background", "x"]
+    t32, t8 = fp32.encode_texts(texts), int8.encode_texts(texts)
+    assert (t32 * t8).sum(-1).min() > 0.999 and not torch.allclose(t32, t8, atol=1e-6)
+    short = int8.encode_texts(texts[:1])  # 5 tokens: the 8-token bucket
+    assert (short * t32[:1]).sum() > 0.999
+    cached = {p.name.rsplit("-", 1)[-1]: p for p in (tmp_path / "clip-int8").glob("*.onnx")}
+    assert set(cached) == {"image.onnx", "text8.onnx", "text16.onnx"}
+    for name, layers in (("image.onnx", 12), ("text16.onnx", 12)):
+        graph = onnx.load(str(cached[name])).graph
+        weights = {init.name for init in graph.initializer}
+        assert sum(node.op_type == "MatMulInteger" for node in graph.node) >= 4 * layers, name
+        # every product with a weight is an integer one; only attention's activation x activation stays float
+        assert not [n.name for n in graph.node if n.op_type in ("MatMul", "Gemm") and weights & set(n.input)]
 
-    # a second encoder of the same checkpoint reads the cached model instead of quantising again
-    def no_requantising(visual):
+    # a second encoder of the same checkpoint reads the cached models instead of quantising again
+    def no_requantising(module, example):
         raise AssertionError("quantised again despite the cache")
 
-    monkeypatch.setattr(cm, "quantise_image_tower", no_requantising)
-    assert torch.allclose(ClipEncoder(tiny_clip, precision="int8").encode_images(pixels), b, atol=1e-6)
+    monkeypatch.setattr(cm, "quantise_tower", no_requantising)
+    again = ClipEncoder(tiny_clip, precision="int8")
+    assert torch.allclose(again.encode_images(pixels), b, atol=1e-6)
+    assert torch.allclose(again.encode_texts(texts), t8, atol=1e-6)
+    assert torch.allclose(again.encode_texts(texts[:1]), short, atol=1e-6)
 
 
 def test_int8_is_a_cpu_path():

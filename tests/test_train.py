@@ -248,6 +248,48 @@ def test_resume_puts_the_model_on_its_device_before_loading_the_optimizer():
     )
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="needs a CUDA GPU; the CPU test above checks the order"
+)
+def test_resume_on_a_gpu_keeps_the_adam_moments_on_the_gpu():
+    from diffusion.train import new_training_state, restore_training_state
+
+    config = TrainConfig(db="db", neighbours="nb", output="out", model=model_config("tiny", cond_dim=8))
+    model, ema, opt = new_training_state(config)
+    for p in model.parameters():
+        p.grad = torch.ones_like(p)
+    opt.step()
+    state = {"model": model.state_dict(), "ema": ema.module.state_dict(), "optimizer": opt.state_dict()}
+    state.update(step=3, config="{}")
+    model2, ema2, opt2 = new_training_state(config)
+    restore_training_state(model2, ema2, opt2, state, torch.device("cuda"))
+    assert all(opt2.state[p]["exp_avg"].device.type == "cuda" for p in model2.parameters())
+    for p in model2.parameters():  # and a step runs there
+        p.grad = torch.ones_like(p)
+    opt2.step()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU; CPU sampling is tested above")
+def test_generate_on_the_gpu_matches_the_cpu():
+    from diffusion.model import build_network
+    from diffusion.sample import generate
+
+    config = TrainConfig(db="db", neighbours="nb", output="out", model=model_config("tiny", cond_dim=8, k=4))
+    torch.manual_seed(0)
+    model = build_network(config.model).eval()
+    g = torch.Generator().manual_seed(1)
+    cond = {
+        "query": torch.randn(2, 8, generator=g),
+        "neighbours": torch.randn(2, 4, 8, generator=g),
+        "valid": torch.ones(2, 4, dtype=torch.bool),
+    }
+    on_cpu = generate(model, config, cond, "ddim", steps=4, guidance=2.0, seed=3)
+    on_gpu = generate(model.cuda(), config, cond, "ddim", steps=4, guidance=2.0, seed=3)
+    assert np.abs(on_cpu.astype(int) - on_gpu.astype(int)).max() <= 2
+
+
 def test_sampling_refuses_a_database_embedded_by_another_clip(tmp_path):
     """Same architecture and width, other weights: refused. The same checkpoint copied elsewhere: accepted."""
     import shutil

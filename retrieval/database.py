@@ -385,7 +385,9 @@ class Database:
     @cached_property
     def _embedding_files(self) -> list[NpyRows]:
         """One row reader per img_emb part: rows are read on demand, never mapped or concatenated."""
-        return [NpyRows(os.path.join(self.path, "img_emb", f"img_emb_{name}.npy")) for name in self.part_names]
+        return [
+            NpyRows(os.path.join(self.path, "img_emb", f"img_emb_{name}.npy")) for name in self.part_names
+        ]
 
     def embeddings_at_rows(self, rows: np.ndarray) -> np.ndarray:
         """[n, D] float32 embeddings of faiss/metadata rows, read part by part from the files."""

@@ -217,10 +217,9 @@ def test_run_folder_given_as_a_uri_checkpoints_and_resumes(train_db, tmp_path):
     assert (tmp_path / "uri_run" / "loss.png").exists()
 
 
-def test_resume_puts_the_model_on_its_device_before_loading_the_optimizer():
-    """On a GPU, Optimizer.load_state_dict puts each Adam moment on its parameter's device at load time: the model
-    must already be there, or the moments stay on the CPU. The order of the calls is what a CPU can check."""
-    from diffusion.train import new_training_state, restore_training_state
+def _one_step_state(step: int) -> tuple:
+    """(config, model, optimizer, checkpoint state) of a tiny model after one Adam step."""
+    from diffusion.train import new_training_state
 
     config = TrainConfig(db="db", neighbours="nb", output="out", model=model_config("tiny", cond_dim=8))
     model, ema, opt = new_training_state(config)
@@ -228,7 +227,16 @@ def test_resume_puts_the_model_on_its_device_before_loading_the_optimizer():
         p.grad = torch.ones_like(p)
     opt.step()
     state = {"model": model.state_dict(), "ema": ema.module.state_dict(), "optimizer": opt.state_dict()}
-    state.update(step=7, config="{}")
+    state.update(step=step, config="{}")
+    return config, model, opt, state
+
+
+def test_resume_puts_the_model_on_its_device_before_loading_the_optimizer():
+    """On a GPU, Optimizer.load_state_dict puts each Adam moment on its parameter's device at load time: the model
+    must already be there, or the moments stay on the CPU. The order of the calls is what a CPU can check."""
+    from diffusion.train import new_training_state, restore_training_state
+
+    config, model, opt, state = _one_step_state(step=7)
     model2, ema2, opt2 = new_training_state(config)
     calls = []
     for name, obj, method in (
@@ -255,13 +263,7 @@ def test_resume_puts_the_model_on_its_device_before_loading_the_optimizer():
 def test_resume_on_a_gpu_keeps_the_adam_moments_on_the_gpu():
     from diffusion.train import new_training_state, restore_training_state
 
-    config = TrainConfig(db="db", neighbours="nb", output="out", model=model_config("tiny", cond_dim=8))
-    model, ema, opt = new_training_state(config)
-    for p in model.parameters():
-        p.grad = torch.ones_like(p)
-    opt.step()
-    state = {"model": model.state_dict(), "ema": ema.module.state_dict(), "optimizer": opt.state_dict()}
-    state.update(step=3, config="{}")
+    config, _, _, state = _one_step_state(step=3)
     model2, ema2, opt2 = new_training_state(config)
     restore_training_state(model2, ema2, opt2, state, torch.device("cuda"))
     assert all(opt2.state[p]["exp_avg"].device.type == "cuda" for p in model2.parameters())

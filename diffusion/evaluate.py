@@ -93,10 +93,7 @@ def part_images(db: Any, parts: list[str], image_size: int) -> tuple[np.ndarray,
     unknown = sorted(set(parts) - set(db.part_names))
     if unknown:
         raise ValueError(f"parts {unknown} are not in the database {db.path} (its parts: {db.part_names})")
-    starts = np.concatenate([[0], db.part_ends[:-1]])
-    ids = np.concatenate(
-        [db.ids[starts[i] : db.part_ends[i]] for i, p in enumerate(db.part_names) if p in parts]
-    )
+    ids = np.concatenate([db.ids[db.part_rows(i)] for i, p in enumerate(db.part_names) if p in parts])
     found = db.images(ids)
     missing = [int(i) for i in ids if int(i) not in found]
     if missing:

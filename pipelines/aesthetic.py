@@ -318,14 +318,13 @@ def _build_band(db: str, band: dict[str, Any], config: IndexConfig) -> dict[str,
     os.makedirs(os.path.join(tmp, "emb"))
     ids = []
     for part, name in enumerate(database.part_names):
-        lo = int(database.part_ends[part - 1]) if part else 0
         local = np.flatnonzero(selector.contains(database.aesthetic_part(part)))
         if len(local):
             # read whole (not memory-mapped), so each part's pages are let go before the next one
             part_emb = np.load(os.path.join(db, "img_emb", f"img_emb_{name}.npy"))
             np.save(os.path.join(tmp, "emb", f"img_emb_{name}.npy"), part_emb[local])
             del part_emb
-            ids.append(np.asarray(database.ids[lo + local]))
+            ids.append(np.asarray(database.ids[database.part_rows(part)][local]))
     band_ids = np.concatenate(ids) if ids else np.zeros(0, np.int64)
     infos: dict[str, Any] = {}
     if len(band_ids):

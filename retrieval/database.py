@@ -159,7 +159,12 @@ class NpyRows:
         self.path = path
         with open(path, "rb") as f:
             version = np.lib.format.read_magic(f)
-            shape, fortran, dtype = np.lib.format._read_array_header(f, version)  # noqa: SLF001
+            read_header = (
+                np.lib.format.read_array_header_1_0
+                if version == (1, 0)
+                else np.lib.format.read_array_header_2_0
+            )
+            shape, fortran, dtype = read_header(f)
             self.offset = f.tell()
         if fortran or len(shape) != 2:
             raise ValueError(f"{path} is not a 2-D C-ordered array; rerun `knn-diffusion embed`")
@@ -340,8 +345,8 @@ class Database:
                 f"run `knn-diffusion aesthetic score --db {self.path}`"
             )
         table = pq.read_table(path, columns=["image_id", "aesthetic"])
-        lo, hi = (self.part_ends[part - 1] if part else 0), self.part_ends[part]
-        if len(table) != hi - lo or not (table["image_id"].to_numpy() == self.ids[lo:hi]).all():
+        ids = self.ids[self.part_rows(part)]
+        if len(table) != len(ids) or not (table["image_id"].to_numpy() == ids).all():
             raise ValueError(
                 f"{path} does not cover part {name}'s images; rerun `knn-diffusion aesthetic score`"
             )
@@ -354,6 +359,10 @@ class Database:
         for part, sel, local in self.rows_by_part(rows):
             out[sel] = self.aesthetic_part(part)[local]
         return out
+
+    def part_rows(self, part: int) -> slice:
+        """The faiss/metadata rows of one part (by its position in part_names)."""
+        return slice(int(self.part_ends[part - 1]) if part else 0, int(self.part_ends[part]))
 
     def rows_by_part(self, rows: np.ndarray) -> Iterator[tuple[int, np.ndarray, np.ndarray]]:
         """(part index, positions in `rows`, rows within the part) for each part that `rows` touch."""
@@ -413,9 +422,10 @@ class Database:
                 f"{self.path}/database.json records no shards, so its images cannot be shown"
             )
         image_ids = np.asarray(image_ids, dtype=np.int64)
-        keys = self.metadata(image_ids)["key"].to_numpy()
+        rows = self.rows_of(image_ids)
+        keys = self.metadata_at_rows(rows)["key"].to_numpy()
         wanted: dict[str, dict[str, int]] = {}
-        for part, sel, _ in self.rows_by_part(self.rows_of(image_ids)):
+        for part, sel, _ in self.rows_by_part(rows):
             wanted[self.part_names[part]] = {str(keys[i]): int(image_ids[i]) for i in sel}
         found: dict[int, bytes] = {}
         for part, by_key in wanted.items():
@@ -428,11 +438,13 @@ class Database:
         return found
 
     def metadata(self, image_ids: np.ndarray) -> pd.DataFrame:
-        """Metadata rows (url, caption, ...) of the given ids, in the given order.
+        """Metadata rows (url, caption, ...) of the given ids, in the given order."""
+        return self.metadata_at_rows(self.rows_of(image_ids))
 
-        Only the parts holding the ids are read, one at a time, so memory follows the request, not the database.
-        """
-        rows = self.rows_of(image_ids)
+    def metadata_at_rows(self, rows: np.ndarray) -> pd.DataFrame:
+        """Metadata of faiss/metadata rows, in the given order. Only the parts holding the rows are read, one at
+        a time, so memory follows the request, not the database."""
+        rows = np.asarray(rows, dtype=np.int64)
         pieces, order = [], []
         for part, sel, local in self.rows_by_part(rows):
             path = os.path.join(self.path, "metadata", f"metadata_{self.part_names[part]}.parquet")

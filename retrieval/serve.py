@@ -127,8 +127,7 @@ class DatabaseMetadata:
     def get(self, ids: Any, cols: list[str] | None = None) -> list[dict[str, Any]]:
         import numpy as np
 
-        rows = np.asarray(ids, dtype=np.int64)
-        frame = self.database.metadata(np.asarray(self.database.ids)[rows])
+        frame = self.database.metadata_at_rows(np.asarray(ids, dtype=np.int64))
         if cols is not None:
             frame = frame[[c for c in frame.columns if c in cols]]
         return frame.to_dict(orient="records")

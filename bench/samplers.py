@@ -31,7 +31,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--run", default="run", help="the run folder inside it to sample (default: run, the kNN one)"
     )
     p.add_argument("--num-prompts", type=int, default=100, help="held-out captions, one sample each")
-    p.add_argument("--guidance", type=float, default=3.0, help="classifier-free guidance scale (default: 3)")
+    p.add_argument(
+        "--guidance",
+        type=float,
+        default=None,
+        help="classifier-free guidance scale (default: the run's evaluate stage's)",
+    )
     p.add_argument("--output", default=None, help="where to write (default: <demo>/bench_samplers)")
     return p.parse_args(argv)
 
@@ -43,6 +48,9 @@ def main(argv: list[str] | None = None) -> dict:
     with open(os.path.join(args.demo, "manifests", "train.json")) as f:
         heldout = json.load(f)["settings"]["heldout"]
     out = args.output or os.path.join(args.demo, "bench_samplers")
+    if args.guidance is None:
+        with open(os.path.join(args.demo, "manifests", "evaluate.json")) as f:
+            args.guidance = float(json.load(f)["settings"]["guidance"])
     rows = {}
     for sampler, steps in SAMPLERS:
         record = evaluate(

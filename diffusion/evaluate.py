@@ -114,6 +114,20 @@ def labels_of(captions: list[str], spec: AttributeSpec) -> dict[str, np.ndarray]
     return out
 
 
+def varying_attributes(spec: AttributeSpec, captions: list[str]) -> AttributeSpec | None:
+    """spec without the attributes that take one value in these (the reference's) captions: a classifier cannot
+    learn them and a sample cannot miss them, so they would only pad "all". None when no attribute varies."""
+    labels = labels_of(captions, spec)
+    keep = {a: v for a, v in spec.vocabulary.items() if len(np.unique(labels[a][labels[a] >= 0])) > 1}
+    dropped = [a for a in spec.vocabulary if a not in keep]
+    if dropped:
+        print(
+            f"evaluate: {', '.join(dropped)} take one value in the held-out images and are not scored",
+            flush=True,
+        )
+    return dataclasses.replace(spec, vocabulary=keep) if keep else None
+
+
 def ensure_classifier(
     config: EvaluateConfig,
     db: Any,
@@ -242,6 +256,8 @@ def evaluate(config: EvaluateConfig, attributes: AttributeSpec | None = None) ->
     encoder = cached_encoder(eval_clip)
     features = ImageFeatures(encoder)
     classifier, classifier_meta, targets = None, None, None
+    if attributes is not None:
+        attributes = varying_attributes(attributes, captions)
     if attributes is not None:
         classifier, classifier_meta = ensure_classifier(config, db, attributes, image_size, (real, captions))
         targets = {a: torch.from_numpy(v) for a, v in labels_of(prompts, attributes).items()}

@@ -19,6 +19,7 @@ import math
 import os
 import re
 import threading
+from collections.abc import Sequence
 from dataclasses import dataclass
 from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any, Self
@@ -174,8 +175,19 @@ class Scene:
             )
 
 
-def sample_scene(rng: np.random.Generator) -> Scene:
-    """A uniformly drawn scene: every attribute uniform, background_colour uniform over the other colours."""
+def check_scene_values(sizes: Sequence[str], positions: Sequence[str]) -> None:
+    """Raise ValueError unless sizes and positions are non-empty lists of the scene set's own values."""
+    for name, values, allowed in (("sizes", sizes, SIZES), ("positions", positions, POSITIONS)):
+        if not values or any(v not in allowed for v in values) or len(set(values)) != len(values):
+            raise ValueError(f"{name}={list(values)!r}: expected distinct values out of {list(allowed)}")
+
+
+def sample_scene(
+    rng: np.random.Generator, sizes: Sequence[str] = SIZES, positions: Sequence[str] = POSITIONS
+) -> Scene:
+    """A uniformly drawn scene: every attribute uniform, background_colour uniform over the other colours.
+    sizes, positions: the values drawn from (default: all of them; the demo draws one of each, see
+    pipelines.run.DataSettings)."""
     colours = list(PALETTE)
     colour_index = int(rng.integers(len(colours)))
     # Uniform over the len-1 other colours, so the two colours are never equal.
@@ -183,8 +195,8 @@ def sample_scene(rng: np.random.Generator) -> Scene:
     return Scene(
         shape=SCENE_SHAPES[int(rng.integers(len(SCENE_SHAPES)))],
         colour=colours[colour_index],
-        size=SIZES[int(rng.integers(len(SIZES)))],
-        position=POSITIONS[int(rng.integers(len(POSITIONS)))],
+        size=sizes[int(rng.integers(len(sizes)))],
+        position=positions[int(rng.integers(len(positions)))],
         background=BACKGROUNDS[int(rng.integers(len(BACKGROUNDS)))],
         background_colour=colours[background_index],
     )
@@ -472,20 +484,30 @@ DATASET_COLUMNS = (
 )
 
 
-def dataset_scene(seed: int, index: int) -> tuple[Scene, int]:
+def dataset_scene(
+    seed: int, index: int, sizes: Sequence[str] = SIZES, positions: Sequence[str] = POSITIONS
+) -> tuple[Scene, int]:
     """Image `index` of write_dataset(seed=seed): its scene and its render/rating seed (style-independent)."""
     scene_stream, render_stream = np.random.SeedSequence([seed, index]).spawn(2)
-    return sample_scene(np.random.default_rng(scene_stream)), int(render_stream.generate_state(1)[0])
+    scene = sample_scene(np.random.default_rng(scene_stream), sizes, positions)
+    return scene, int(render_stream.generate_state(1)[0])
 
 
 def write_dataset(
-    folder: str, num_images: int, style: str = "flat", seed: int = 0, size: int = 64
+    folder: str,
+    num_images: int,
+    style: str = "flat",
+    seed: int = 0,
+    size: int = 64,
+    sizes: Sequence[str] = SIZES,
+    positions: Sequence[str] = POSITIONS,
 ) -> pd.DataFrame:
     """Write num_images JPEGs (quality 90) {style}_{i:06d}.jpg into folder and {style}_captions.parquet next
     to them; returns that frame, one row per image with DATASET_COLUMNS.
 
     Image i is a function of (seed, i, style) only, and its scene (so its caption and rating) of (seed, i)
-    only: the same seed in another style draws the same scenes, with the same layout, in that style. Files
+    only: the same seed in another style draws the same scenes, with the same layout, in that style. sizes and
+    positions: the values scenes are drawn from (sample_scene). Files
     already present are not rewritten, so a rerun (or a larger num_images) only adds what is missing; every
     file goes to a temporary name first and is renamed into place.
     """
@@ -495,10 +517,11 @@ def write_dataset(
         raise ValueError(f"num_images={num_images}: expected >= 0")
     if seed < 0:
         raise ValueError(f"seed={seed}: expected an int >= 0")
+    check_scene_values(sizes, positions)
     os.makedirs(folder, exist_ok=True)
     rows = []
     for i in range(num_images):
-        scene, image_seed = dataset_scene(seed, i)
+        scene, image_seed = dataset_scene(seed, i, sizes, positions)
         name = f"{style}_{i:06d}.jpg"
         path = os.path.join(folder, name)
         if not os.path.exists(path):

@@ -217,3 +217,18 @@ def test_write_dataset_is_idempotent_and_writes_a_matching_parquet(tmp_path):
     assert sorted(os.listdir(folder)) == sorted([*again.file, f"{STYLE2}_captions.parquet"])  # no temp files
     with Image.open(os.path.join(folder, again.file[7])) as image:
         assert image.format == "JPEG" and image.size == (64, 64)
+
+
+def test_write_dataset_draws_only_the_sizes_and_positions_it_is_given(tmp_path):
+    """The demo's scene set (one size, one position): every other attribute still varies, and a value that is
+    not the scene set's own is refused, naming it."""
+    frame = dd.write_dataset(str(tmp_path), 40, seed=2, sizes=["large"], positions=["in the centre"])
+    assert set(frame["size"]) == {"large"} and set(frame["position"]) == {"in the centre"}
+    for column in ("shape", "colour", "background", "background_colour"):
+        assert frame[column].nunique() > 2, column
+    assert all(c.startswith("a large ") and " in the centre on a " in c for c in frame["caption"])
+    with pytest.raises(ValueError, match=r"sizes=\['huge'\]"):
+        dd.write_dataset(str(tmp_path / "x"), 3, sizes=["huge"])
+    with pytest.raises(ValueError, match="positions=\\[\\]"):
+        dd.write_dataset(str(tmp_path / "x"), 3, positions=[])
+    assert not os.path.exists(tmp_path / "x")

@@ -219,3 +219,23 @@ def test_evaluation_neighbours_never_include_held_out_images():
     np.testing.assert_array_equal(found.ids, ids[np.argsort(-scores, axis=1)[:, :4]])
     np.testing.assert_allclose(cond["neighbours"].numpy(), emb[found.ids - 100])
     assert cond["valid"].all()
+
+
+def test_attributes_the_reference_never_varies_are_not_scored(capsys):
+    """A one-valued attribute (the demo draws every shape large, in the centre) cannot be missed by a sample, so it
+    is left out of the vocabulary and of "all"; the attributes that vary stay, with their values."""
+    from diffusion.evaluate import AttributeSpec, varying_attributes
+    from pipelines.run import procedural_attributes
+
+    spec = procedural_attributes()
+    captions = [
+        "a large red circle in the centre on a plain blue background",
+        "a large blue star in the centre on a plain blue background".replace("plain blue", "striped red"),
+        "not a scene caption",
+    ]
+    kept = varying_attributes(spec, captions)
+    assert list(kept.vocabulary) == ["shape", "colour", "background", "background_colour"]
+    assert kept.vocabulary["shape"] == spec.vocabulary["shape"] and kept.parse is spec.parse
+    assert "size, position take one value" in capsys.readouterr().out
+    assert varying_attributes(spec, captions[:1]) is None
+    assert isinstance(varying_attributes(spec, captions), AttributeSpec)

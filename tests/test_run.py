@@ -70,6 +70,7 @@ def test_config_errors_name_the_key(tmp_path):
         ("clip:\n  epochs: 0\n", "clip.epochs must be >= 1"),
         ("data:\n  num_images: 1e3\n", "data.num_images must be a whole number"),
         ("data:\n  allow_network: [bogus]\n", "is not a network"),
+        ("data:\n  sizes: [huge]\n", "data.sizes=['huge']: expected distinct values out of"),
         ("evaluate:\n  guidance: .nan\n", "evaluate.guidance must be a number"),
     ],
 )

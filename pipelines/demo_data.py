@@ -505,11 +505,12 @@ def write_dataset(
     """Write num_images JPEGs (quality 90) {style}_{i:06d}.jpg into folder and {style}_captions.parquet next
     to them; returns that frame, one row per image with DATASET_COLUMNS.
 
-    Image i is a function of (seed, i, style) only, and its scene (so its caption and rating) of (seed, i)
-    only: the same seed in another style draws the same scenes, with the same layout, in that style. sizes and
-    positions: the values scenes are drawn from (sample_scene). Files
-    already present are not rewritten, so a rerun (or a larger num_images) only adds what is missing; every
-    file goes to a temporary name first and is renamed into place.
+    Image i is a function of (seed, i, style, sizes, positions) only, and its scene (so its caption and rating)
+    of (seed, i, sizes, positions) only: the same seed in another style draws the same scenes, with the same
+    layout, in that style. sizes and positions: the values scenes are drawn from (sample_scene). Files already
+    present are not rewritten, so a rerun (or a larger num_images) only adds what is missing; a rerun whose
+    scenes differ from the folder's parquet (another seed, sizes or positions) is refused. Every file goes to a
+    temporary name first and is renamed into place.
     """
     if style not in STYLES:
         raise ValueError(f"style={style!r}: expected one of {STYLES}")
@@ -519,20 +520,35 @@ def write_dataset(
         raise ValueError(f"seed={seed}: expected an int >= 0")
     check_scene_values(sizes, positions)
     os.makedirs(folder, exist_ok=True)
-    rows = []
-    for i in range(num_images):
-        scene, image_seed = dataset_scene(seed, i, sizes, positions)
-        name = f"{style}_{i:06d}.jpg"
-        path = os.path.join(folder, name)
+    parquet_path = os.path.join(folder, f"{style}_captions.parquet")
+    drawn = [dataset_scene(seed, i, sizes, positions) for i in range(num_images)]
+    rows = [
+        {"file": f"{style}_{i:06d}.jpg", "caption": caption(scene), "rating": rating(scene, image_seed)}
+        | {"style": style}
+        | dataclasses.asdict(scene)
+        for i, (scene, image_seed) in enumerate(drawn)
+    ]
+    frame = pd.DataFrame(rows, columns=list(DATASET_COLUMNS))
+    if os.path.exists(
+        parquet_path
+    ):  # checked before anything is written: the folder's images stay as they are
+        before = pd.read_parquet(parquet_path, columns=["file", "caption"])
+        common = min(len(before), len(frame))
+        changed = np.flatnonzero(
+            before["caption"].to_numpy()[:common] != frame["caption"].to_numpy()[:common]
+        )
+        if len(changed):
+            first = changed[0]
+            raise ValueError(
+                f"{parquet_path}: image {before['file'].iloc[first]} was drawn as {before['caption'].iloc[first]!r}, "
+                f"these settings draw {frame['caption'].iloc[first]!r}; write into a new folder (or delete this "
+                "one) to change seed, sizes or positions"
+            )
+    for row, (scene, image_seed) in zip(rows, drawn, strict=True):
+        path = os.path.join(folder, row["file"])
         if not os.path.exists(path):
             write_atomic(
                 path, image_bytes(render(scene, size, style, seed=image_seed), format="JPEG", quality=90)
             )
-        rows.append(
-            {"file": name, "caption": caption(scene), "rating": rating(scene, image_seed), "style": style}
-            | dataclasses.asdict(scene)
-        )
-    frame = pd.DataFrame(rows, columns=list(DATASET_COLUMNS))
-    parquet_path = os.path.join(folder, f"{style}_captions.parquet")
     write_atomic(parquet_path, parquet_bytes(frame))
     return frame

@@ -232,3 +232,17 @@ def test_write_dataset_draws_only_the_sizes_and_positions_it_is_given(tmp_path):
     with pytest.raises(ValueError, match="positions=\\[\\]"):
         dd.write_dataset(str(tmp_path / "x"), 3, positions=[])
     assert not os.path.exists(tmp_path / "x")
+
+
+def test_a_rerun_that_would_draw_other_scenes_is_refused_and_keeps_the_folder(tmp_path):
+    folder = str(tmp_path)
+    first = dd.write_dataset(folder, 6, seed=1)
+    parquet = os.path.join(folder, "flat_captions.parquet")
+    with open(parquet, "rb") as f:
+        saved = f.read()
+    with pytest.raises(ValueError, match="flat_captions.parquet: image flat_000000.jpg was drawn as"):
+        dd.write_dataset(folder, 9, seed=1, sizes=["large"], positions=["in the centre"])
+    with open(parquet, "rb") as f:
+        assert f.read() == saved  # the captions still describe the images on disk
+    assert sorted(n for n in os.listdir(folder) if n.endswith(".jpg")) == list(first["file"])  # none added
+    assert dd.write_dataset(folder, 8, seed=1)["caption"][:6].tolist() == first["caption"].tolist()

@@ -523,15 +523,18 @@ def write_dataset(
     parquet_path = os.path.join(folder, f"{style}_captions.parquet")
     drawn = [dataset_scene(seed, i, sizes, positions) for i in range(num_images)]
     rows = [
-        {"file": f"{style}_{i:06d}.jpg", "caption": caption(scene), "rating": rating(scene, image_seed)}
-        | {"style": style}
+        {
+            "file": f"{style}_{i:06d}.jpg",
+            "caption": caption(scene),
+            "rating": rating(scene, image_seed),
+            "style": style,
+        }
         | dataclasses.asdict(scene)
         for i, (scene, image_seed) in enumerate(drawn)
     ]
     frame = pd.DataFrame(rows, columns=list(DATASET_COLUMNS))
-    if os.path.exists(
-        parquet_path
-    ):  # checked before anything is written: the folder's images stay as they are
+    # Checked before anything is written, so a refused rerun leaves the folder's images as they are.
+    if os.path.exists(parquet_path):
         before = pd.read_parquet(parquet_path, columns=["file", "caption"])
         common = min(len(before), len(frame))
         changed = np.flatnonzero(

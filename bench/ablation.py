@@ -57,6 +57,8 @@ def main(argv: list[str] | None = None) -> dict:
     }
     if args.steps:
         training["steps"] = args.steps
+    tokenizer = os.path.join(args.demo, "tokenizer", "tokenizer.pt")  # the demo's, for a latent preset
+    tokenizer = tokenizer if model_config(g.preset, **g.model).latent_channels else None
     runs = {}
     for k in ks:
         name = "no-knn" if k == 0 else f"k={k}"
@@ -73,6 +75,7 @@ def main(argv: list[str] | None = None) -> dict:
                 output=folder,
                 model=model_config(g.preset, **overrides),
                 exclude_parts=heldout,
+                tokenizer=tokenizer,
                 **training,
             ),
             ray_address=config.ray_address,

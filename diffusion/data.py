@@ -29,7 +29,7 @@ def part_items(config: TrainConfig) -> list[dict[str, str]]:
     from retrieval.storage import list_parts
 
     info = DatabaseInfo.read(config.db)
-    if info.dim != config.model.cond_dim:
+    if info.dim != config.model.cond_dim and config.model.arch != "autoencoder":
         raise ValueError(
             f"--db {config.db} holds {info.dim}-d embeddings ({info.clip_model}) but the model's cond_dim is "
             f"{config.model.cond_dim}; set model: cond_dim: {info.dim} in --config"
@@ -104,7 +104,10 @@ def load_part(batch: dict[str, np.ndarray], db: str, image_size: int, k: int) ->
                 images[int(key)] = sample[ext]
     ids = pq.read_table(item["meta"], columns=["image_id"])["image_id"].to_numpy()
     emb = np.load(item["emb"])
-    table = read_neighbour_table(item["neighbours"])
+    if k == 0:  # the no-kNN model and the tokenizer read no neighbour table
+        table = {"image_id": ids, "neighbour_ids": np.zeros((len(ids), 0), np.int64)}
+    else:
+        table = read_neighbour_table(item["neighbours"])
     if not np.array_equal(table["image_id"], ids):
         raise ValueError(
             f"{item['neighbours']} is not row for row with {item['meta']}; recompute the neighbours"

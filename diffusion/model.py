@@ -126,8 +126,8 @@ class KnnDenoiser(nn.Module):
         super().__init__()
         self.config = config
         w = config.width
-        self.patch = PatchEmbed(config.image_size, config.patch_size, config.channels, w)
-        grid = config.image_size // config.patch_size
+        self.patch = PatchEmbed(config.grid_size, config.patch_size, config.grid_channels, w)
+        grid = config.grid_size // config.patch_size
         pos = build_sincos2d_pos_embed([grid, grid], w)
         self.register_buffer("pos", pos.reshape(1, grid * grid, w), persistent=False)
         self.t_mlp = nn.Sequential(nn.Linear(w, w), nn.SiLU(), nn.Linear(w, w))
@@ -136,7 +136,7 @@ class KnnDenoiser(nn.Module):
         self.blocks = nn.ModuleList(Block(w, config.num_heads, config.mlp_ratio) for _ in range(config.depth))
         self.final_norm = nn.LayerNorm(w, elementwise_affine=False, eps=1e-6)
         self.final_ada = nn.Sequential(nn.SiLU(), nn.Linear(w, 2 * w))
-        self.final = nn.Linear(w, config.patch_size**2 * config.channels)
+        self.final = nn.Linear(w, config.patch_size**2 * config.grid_channels)
         self._init_weights()
 
     def _init_weights(self) -> None:
@@ -174,14 +174,18 @@ class KnnDenoiser(nn.Module):
         return self.unpatchify(h)
 
     def unpatchify(self, h: torch.Tensor) -> torch.Tensor:
-        p, c = self.config.patch_size, self.config.channels
-        g = self.config.image_size // p
+        p, c = self.config.patch_size, self.config.grid_channels
+        g = self.config.grid_size // p
         h = h.view(h.shape[0], g, g, p, p, c)
         return torch.einsum("bhwpqc->bchpwq", h).reshape(h.shape[0], c, g * p, g * p)
 
 
 def build_network(config: ModelConfig) -> nn.Module:
-    """The denoising network config.arch names: "unet" (KnnUNet) or "dit" (KnnDenoiser)."""
+    """The network config.arch names: "unet" (KnnUNet), "dit" (KnnDenoiser) or "autoencoder" (the tokenizer)."""
+    if config.arch == "autoencoder":
+        from diffusion.tokenizer import Autoencoder
+
+        return Autoencoder(config)
     if config.arch == "unet":
         from diffusion.unet import KnnUNet
 

@@ -164,34 +164,47 @@ def generate(
 ) -> np.ndarray:
     """One image per condition row, [N, H, W, 3] uint8, in batches of batch_size; deterministic for a seed
     (each batch's noise is drawn from one seeded generator, in order), or starting from the given x_T noise
-    [N, C, H, W] (the service draws each request's from its own seed). Runs on the model's device."""
+    [N, C, H, W] (C, H, W: noise_shape(config); the service draws each request's from its own seed). Runs on the
+    model's device. A latent model's samples are decoded by its tokenizer."""
     from diffusion.precond import EpsDenoiser
     from diffusion.samplers import SAMPLERS, CFGDenoiser
     from diffusion.schedule import alphas_cumprod, sampling_timesteps
 
-    mc = config.model
     device = next(model.parameters()).device
     abar = alphas_cumprod(config.schedule, config.num_timesteps).to(device)
     eps_model = EpsDenoiser(model, abar, config.prediction).eval()
     timesteps = sampling_timesteps(config.num_timesteps, steps)
+    decode = None
+    if config.tokenizer:
+        from diffusion.tokenizer import load_tokenizer
+
+        decode = load_tokenizer(config.tokenizer).to(device).decode
     gen = torch.Generator().manual_seed(seed)
     n = len(cond["query"])
     out = []
     for lo in range(0, n, batch_size):
         part = {k: v[lo : lo + batch_size].to(device) for k, v in cond.items()}
-        shape = (len(part["query"]), mc.channels, mc.image_size, mc.image_size)
+        shape = (len(part["query"]), *noise_shape(config))
         x = (noise[lo : lo + batch_size] if noise is not None else torch.randn(shape, generator=gen)).to(
             device
         )
         with torch.inference_mode():
             out.append(
                 to_uint8(
-                    SAMPLERS[sampler](
-                        CFGDenoiser(eps_model, part, guidance), x, timesteps, abar, generator=gen
+                    (decode or (lambda z: z))(
+                        SAMPLERS[sampler](
+                            CFGDenoiser(eps_model, part, guidance), x, timesteps, abar, generator=gen
+                        )
                     )
                 )
             )
     return np.concatenate(out)
+
+
+def noise_shape(config: TrainConfig) -> tuple[int, int, int]:
+    """(C, H, W) of one sample's starting noise: the image's, or its latent grid's."""
+    mc = config.model
+    return (mc.grid_channels, mc.grid_size, mc.grid_size)
 
 
 def to_uint8(x: torch.Tensor) -> np.ndarray:

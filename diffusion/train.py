@@ -115,27 +115,35 @@ def training_step(
     alphas_cumprod: torch.Tensor,
     generator: torch.Generator,
     amp: torch.dtype | None,
+    tokenizer: Any = None,
 ) -> tuple[torch.Tensor, float]:
     """One optimizer step on a batch of rows (diffusion.data): warmup lr, loss under autocast when amp is set,
-    clipped gradients, the EMA update. Returns (the detached loss, the lr used)."""
+    clipped gradients, the EMA update. Returns (the detached loss, the lr used). The loss is the diffusion loss
+    on the images (or on their latents, given the tokenizer), or an autoencoder's reconstruction loss."""
     from diffusion.loss import diffusion_loss
+    from diffusion.tokenizer import autoencoder_loss
 
     x0 = batch["image"].permute(0, 3, 1, 2).float() / 127.5 - 1
     lr = config.lr * min(1.0, (step + 1) / max(config.warmup_steps, 1))
     for group in opt.param_groups:
         group["lr"] = lr
+    if tokenizer is not None:
+        x0 = tokenizer.encode(x0)
     with torch.autocast(x0.device.type, dtype=amp) if amp else nullcontext():
-        loss = diffusion_loss(
-            model,
-            x0,
-            condition_of(batch, config.model.use_knn),
-            alphas_cumprod,
-            config.model.cond_drop_prob,
-            generator,
-            prediction=config.prediction,
-            query_drop_prob=config.model.query_drop_prob,
-            min_snr_gamma=config.min_snr_gamma,
-        )
+        if config.model.arch == "autoencoder":
+            loss = autoencoder_loss(model, x0)
+        else:
+            loss = diffusion_loss(
+                model,
+                x0,
+                condition_of(batch, config.model.use_knn),
+                alphas_cumprod,
+                config.model.cond_drop_prob,
+                generator,
+                prediction=config.prediction,
+                query_drop_prob=config.model.query_drop_prob,
+                min_snr_gamma=config.min_snr_gamma,
+            )
     opt.zero_grad(set_to_none=True)
     loss.backward()
     torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
@@ -187,6 +195,7 @@ def train_loop_per_worker(cfg: dict[str, Any]) -> None:
     abar = alphas_cumprod(config.schedule, config.num_timesteps).to(device=device, dtype=torch.float32)
     gen = torch.Generator(device=device).manual_seed(config.seed + 1_000_003 * rank + step)
     amp = autocast_dtype(device, config.precision)
+    tokenizer = worker_tokenizer(config, device)
     shard = ray.train.get_dataset_shard("train")
     window: dict[str, float] = {"loss": 0.0, "n": 0, "wait": 0.0, "start": time.perf_counter()}
     while step < config.steps:  # the stream holds the epochs needed; it restarts only if a split ran short
@@ -200,7 +209,7 @@ def train_loop_per_worker(cfg: dict[str, Any]) -> None:
             prefetch_batches=8,
         ):
             window["wait"] += time.perf_counter() - tic
-            loss, lr = training_step(model, ema, opt, batch, step, config, abar, gen, amp)
+            loss, lr = training_step(model, ema, opt, batch, step, config, abar, gen, amp, tokenizer)
             step += 1
             window["loss"] += float(loss)
             window["n"] += 1
@@ -232,6 +241,15 @@ def train_loop_per_worker(cfg: dict[str, Any]) -> None:
             if hook is not None:
                 hook(step=step, rank=rank, world=world, config=config)
             tic = time.perf_counter()
+
+
+def worker_tokenizer(config: TrainConfig, device: Any) -> Any:
+    """The frozen tokenizer whose latents a latent model learns, on the worker's device (None: pixel space)."""
+    if not config.tokenizer:
+        return None
+    from diffusion.tokenizer import load_tokenizer
+
+    return load_tokenizer(config.tokenizer).to(device)
 
 
 def step_hook(name: str | None) -> Any:
@@ -365,6 +383,8 @@ def train(config: TrainConfig, ray_address: str | None = None) -> dict[str, Any]
     config.clip_model = DatabaseInfo.read(
         config.db
     ).clip_model  # recorded: sampling checks its databases' CLIP
+    if config.tokenizer:
+        use_tokenizer(config)
     output = config.output if "://" in config.output else os.path.abspath(config.output)
     config.output = output
     fs, root = fsspec.core.url_to_fs(output)
@@ -423,6 +443,24 @@ def train(config: TrainConfig, ray_address: str | None = None) -> dict[str, Any]
         flush=True,
     )
     return {"metrics": last, "checkpoint": ckpt}
+
+
+def use_tokenizer(config: TrainConfig) -> None:
+    """Point the denoiser at the tokenizer's latent space (latent_factor, latent_channels from its file), after
+    checking that it encodes the images the model is trained on."""
+    from diffusion.config import ModelConfig
+    from diffusion.tokenizer import read_tokenizer
+
+    config.tokenizer = os.path.abspath(config.tokenizer)  # the workers open it
+    tok = ModelConfig(**json.loads(read_tokenizer(config.tokenizer)["config"]))
+    mc = config.model
+    if tok.image_size != mc.image_size or tok.channels != mc.channels:
+        raise ValueError(
+            f"tokenizer {config.tokenizer} encodes {tok.image_size} px images with {tok.channels} channels but the "
+            f"model generates {mc.image_size} px with {mc.channels}; set model: image_size: {tok.image_size}"
+        )
+    mc.latent_factor, mc.latent_channels = tok.latent_factor, tok.latent_channels
+    mc.__post_init__()  # the network must fit the latent grid
 
 
 def latest_checkpoint(run: str) -> str:

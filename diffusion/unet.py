@@ -83,12 +83,12 @@ class KnnUNet(nn.Module):
         self.pool_mlp = nn.Sequential(nn.Linear(emb, emb), nn.SiLU(), nn.Linear(emb, emb))
         p = config.patch_size  # > 1: the first level works on p x p pixel patches (space-to-depth), for speed
         self.stem = nn.Sequential(
-            nn.PixelUnshuffle(p), nn.Conv2d(config.channels * p * p, widths[0], 3, padding=1)
+            nn.PixelUnshuffle(p), nn.Conv2d(config.grid_channels * p * p, widths[0], 3, padding=1)
         )
         self.down = nn.ModuleList()
         self.down_attn = nn.ModuleList()
         self.downsample = nn.ModuleList()
-        skips, c, res = [widths[0]], widths[0], config.image_size // p
+        skips, c, res = [widths[0]], widths[0], config.grid_size // p
         for level, width in enumerate(widths):
             for _ in range(config.blocks_per_level):
                 self.down.append(ResBlock(c, width, emb))
@@ -112,7 +112,7 @@ class KnnUNet(nn.Module):
                 self.upsample.append(nn.Conv2d(c, c, 3, padding=1))
                 res *= 2
         self.out_norm = _norm(c)
-        self.out = nn.Sequential(nn.Conv2d(c, config.channels * p * p, 3, padding=1), nn.PixelShuffle(p))
+        self.out = nn.Sequential(nn.Conv2d(c, config.grid_channels * p * p, 3, padding=1), nn.PixelShuffle(p))
         nn.init.zeros_(self.out[0].weight)
         nn.init.zeros_(self.out[0].bias)
 

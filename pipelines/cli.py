@@ -222,6 +222,30 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--batch-size-per-worker", type=int, default=None, help="images per worker per step")
     p.add_argument("--ray-address", default=None, help=ray_help)
+    p.add_argument(
+        "--tokenizer",
+        default=None,
+        help="a tokenizer.pt (`knn-diffusion tokenizer`): learn in its latent space",
+    )
+    desc = "train the tokenizer (an autoencoder) on a database's images, for latent generators"
+    p = sub.add_parser("tokenizer", help=desc, description=desc)
+    p.add_argument(
+        "--config",
+        default=None,
+        help="YAML: model + training fields (default: the tokenizer preset, as in configs/tokenizer.yaml)",
+    )
+    p.add_argument("--db", required=True, help="database folder whose shards hold the images")
+    p.add_argument(
+        "--output", required=True, help="folder: the training run, tokenizer.pt, reconstructions.png"
+    )
+    p.add_argument("--steps", type=int, default=None, help="optimizer steps in total (overrides the config)")
+    p.add_argument(
+        "--exclude-parts",
+        nargs="*",
+        default=None,
+        help="database parts left out of training; the reconstruction error is measured on them",
+    )
+    p.add_argument("--ray-address", default=None, help=ray_help)
     desc = "generate images for prompts, conditioned on their neighbours in any database or band"
     p = sub.add_parser("sample", help=desc, description=desc)
     p.add_argument("--checkpoint", required=True, help="run folder (its latest checkpoint) or a state.pt")
@@ -458,8 +482,29 @@ def train_command(args: argparse.Namespace) -> None:
         "num_workers",
         "use_gpu",
         "batch_size_per_worker",
+        "tokenizer",
     )
     train(load_yaml(args.config, **{k: getattr(args, k) for k in names}), ray_address=args.ray_address)
+
+
+def tokenizer_command(args: argparse.Namespace) -> None:
+    import os
+
+    from diffusion.config import load_yaml
+    from diffusion.tokenizer import tokenizer_config, train_tokenizer
+
+    paths = {
+        "db": args.db,
+        "neighbours": os.path.join(args.db, "neighbours"),  # not read: the autoencoder reads images only
+        "output": args.output,
+        "steps": args.steps,
+        "exclude_parts": args.exclude_parts,
+    }
+    if args.config:
+        config = load_yaml(args.config, **paths)
+    else:
+        config = tokenizer_config(**{k: v for k, v in paths.items() if v is not None})
+    train_tokenizer(config, ray_address=args.ray_address)
 
 
 def sample_command(args: argparse.Namespace) -> None:
@@ -534,6 +579,7 @@ COMMANDS = {
     "aesthetic": stage_command,
     "neighbours": stage_command,
     "train": train_command,
+    "tokenizer": tokenizer_command,
     "sample": sample_command,
     "evaluate": evaluate_command,
     "catalogue": catalogue_command,

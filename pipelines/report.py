@@ -156,6 +156,22 @@ def _training_sections(add: Any, out: str, aesthetic: dict[str, Any], trained: d
         add(_img(loss_src, "training loss", 360))
 
 
+def _tokenizer_section(add: Any, out: str, tokenizer: dict[str, Any]) -> None:
+    f = tokenizer["figures"]
+    shape = " x ".join(str(v) for v in f["latent_shape"][1:] + f["latent_shape"][:1])
+    add(
+        f"<h2>Tokenizer</h2><p>The generators denoise {shape} latents of an autoencoder trained on the main "
+        f"database's images ({tokenizer['samples_per_s']:.0f} samples/s). Held-out reconstruction error: MSE "
+        f"{f['reconstruction_mse']:.4f} on [-1, 1] images, PSNR {f['reconstruction_psnr']:.1f} dB, over "
+        f"{f['num_heldout']} images of parts {', '.join(f['heldout_parts'])}. Top row: held-out images; bottom "
+        "row: their reconstructions.</p>"
+    )
+    src = "report/reconstructions.png"
+    if os.path.exists(tokenizer["reconstructions"]):
+        shutil.copyfile(tokenizer["reconstructions"], os.path.join(out, src))
+        add(_img(src, "held-out images and their reconstructions", 140))
+
+
 def write_report(
     out: str,
     config: Any,
@@ -165,8 +181,10 @@ def write_report(
     trained: dict[str, Any],
     samples: dict[str, Any],
     evaluation: dict[str, Any],
+    tokenizer: dict[str, Any] | None = None,
 ) -> str:
-    """Write report.html (atomically) and its pictures; returns the report's path."""
+    """Write report.html (atomically) and its pictures; returns the report's path. tokenizer: the tokenizer
+    stage's result, when the generator works in its latent space."""
     os.makedirs(os.path.join(out, "report"), exist_ok=True)
     cells = _sample_cells(out, samples, len(config.sample.prompts))
     h: list[str] = []
@@ -187,6 +205,8 @@ def write_report(
     _encoder_section(add, clip, evaluation["retrieval"], config.clip.model == "fit")
     _samples_sections(add, config, cells, aesthetic["bands"])
     _training_sections(add, out, aesthetic, trained)
+    if tokenizer:
+        _tokenizer_section(add, out, tokenizer)
     add("</body></html>")
     path = os.path.join(out, "report.html")
     write_atomic(path, "\n".join(h).encode())

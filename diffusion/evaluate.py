@@ -51,7 +51,8 @@ class EvaluateConfig:
     classifier: an attribute classifier (.pt from diffusion.attributes); fitted here (and saved there) when
     missing and an AttributeSpec is given. eval_clip_model: the CLIP for features and CLIP score (clip-retrieval
     name; default: the database's own). inception_weights: a local Inception-v3 weights file for real FID.
-    num_prompts: at most this many held-out captions. sampler, steps, guidance, seed: as `sample`.
+    num_prompts: at most this many held-out captions. sampler, steps, guidance, seed: as `sample`; truncation:
+    the discrete backbone's r (diffusion.discrete.truncate; 1: none).
     """
 
     checkpoints: dict[str, str]
@@ -67,6 +68,7 @@ class EvaluateConfig:
     guidance: float = 3.0
     seed: int = 0
     batch_size: int = 64
+    truncation: float = 1.0
     classifier_epochs: int = 16
 
     def __post_init__(self) -> None:
@@ -209,7 +211,16 @@ def _score_generator(
     accuracy = AttributeAccuracy(ctx["classifier"]) if ctx["classifier"] is not None else None
     cond, _ = retrieval_condition(ctx["db"], ctx["query"], cfg, exclude_ids=ctx["heldout_ids"])
     tic = time.time()
-    images = generate(model, cfg, cond, config.sampler, config.steps, config.guidance, config.seed)
+    images = generate(
+        model,
+        cfg,
+        cond,
+        config.sampler,
+        config.steps,
+        config.guidance,
+        config.seed,
+        truncation=config.truncation,
+    )
     seconds = time.time() - tic
     prompts, targets, n = ctx["prompts"], ctx["targets"], config.batch_size
     for lo in tqdm(range(0, len(images), n), desc=f"evaluate {name}", unit="batch", leave=False):

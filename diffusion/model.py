@@ -180,8 +180,13 @@ class KnnDenoiser(nn.Module):
         return torch.einsum("bhwpqc->bchpwq", h).reshape(h.shape[0], c, g * p, g * p)
 
 
-def build_network(config: ModelConfig) -> nn.Module:
-    """The network config.arch names: "unet" (KnnUNet), "dit" (KnnDenoiser) or "autoencoder" (the tokenizer)."""
+def build_network(config: ModelConfig, num_timesteps: int = 1000) -> nn.Module:
+    """The network config.arch names: "unet" (KnnUNet), "dit" (KnnDenoiser) or "autoencoder" (the tokenizer);
+    for the discrete backbone, that network inside diffusion.discrete.TokenDenoiser (num_timesteps: its T)."""
+    if config.backbone == "discrete":
+        from diffusion.discrete import TokenDenoiser
+
+        return TokenDenoiser(config, num_timesteps)
     if config.arch == "autoencoder":
         from diffusion.tokenizer import Autoencoder
 

@@ -85,7 +85,7 @@ def load_model(checkpoint: str, use_ema: bool = True) -> tuple[torch.nn.Module, 
         config = TrainConfig.from_dict(json.loads(state["config"]))
     except (ValueError, TypeError, KeyError) as err:
         raise ValueError(f"checkpoint {path}: its training config cannot be read ({err})") from err
-    model = build_network(config.model)
+    model = build_network(config.model, config.num_timesteps)
     load_weights(model, state["ema" if use_ema else "model"], path, "EMA" if use_ema else "model")
     return model.eval(), config, int(state["step"])
 
@@ -161,15 +161,20 @@ def generate(
     seed: int = 0,
     batch_size: int = 64,
     noise: torch.Tensor | None = None,
+    truncation: float = 1.0,
 ) -> np.ndarray:
     """One image per condition row, [N, H, W, 3] uint8, in batches of batch_size; deterministic for a seed
     (each batch's noise is drawn from one seeded generator, in order), or starting from the given x_T noise
     [N, C, H, W] (C, H, W: noise_shape(config); the service draws each request's from its own seed). Runs on the
-    model's device. A latent model's samples are decoded by its tokenizer."""
+    model's device. A latent model's samples are decoded by its tokenizer. The discrete backbone samples
+    ancestrally whatever the sampler (diffusion.discrete.sample_tokens, with truncation r), from all-[MASK]
+    (noise is not used), and decodes the tokens."""
     from diffusion.precond import EpsDenoiser
     from diffusion.samplers import SAMPLERS, CFGDenoiser
     from diffusion.schedule import alphas_cumprod, sampling_timesteps
 
+    if config.model.backbone == "discrete":
+        return _generate_tokens(model, config, cond, steps, guidance, seed, batch_size, truncation)
     device = next(model.parameters()).device
     abar = alphas_cumprod(config.schedule, config.num_timesteps).to(device)
     eps_model = EpsDenoiser(model, abar, config.prediction).eval()
@@ -198,6 +203,42 @@ def generate(
                     )
                 )
             )
+    return np.concatenate(out)
+
+
+def _generate_tokens(
+    model: torch.nn.Module,
+    config: TrainConfig,
+    cond: dict[str, torch.Tensor],
+    steps: int,
+    guidance: float,
+    seed: int,
+    batch_size: int,
+    truncation: float,
+) -> np.ndarray:
+    from diffusion.discrete import MaskSchedule, sample_tokens
+    from diffusion.tokenizer import load_tokenizer
+
+    mc = config.model
+    device = next(model.parameters()).device
+    tokenizer = load_tokenizer(config.tokenizer).to(device)
+    schedule = MaskSchedule(mc.codebook_size, config.num_timesteps)
+    gen = torch.Generator(device=device).manual_seed(seed)
+    out = []
+    for lo in range(0, len(cond["query"]), batch_size):
+        part = {k: v[lo : lo + batch_size].to(device) for k, v in cond.items()}
+        with torch.inference_mode():
+            tokens = sample_tokens(
+                model,
+                part,
+                schedule,
+                mc.grid_size**2,
+                min(steps, config.num_timesteps),
+                guidance,
+                truncation,
+                gen,
+            )
+            out.append(to_uint8(tokenizer.decode_tokens(tokens)))
     return np.concatenate(out)
 
 

@@ -63,12 +63,27 @@ class Autoencoder(nn.Module):
             dec += [nn.ConvTranspose2d(c_in, c_out, 4, stride=2, padding=1), nn.SiLU(), _Res(c_out)]
         dec += [nn.Conv2d(w[0], config.channels, 3, padding=1)]
         self.encoder, self.decoder = nn.Sequential(*enc), nn.Sequential(*dec)
+        self.quantizer = None
+        if config.fsq_levels:  # finite scalar quantisation: no codebook to collapse, no auxiliary losses
+            from vector_quantize_pytorch import FSQ
+
+            self.quantizer = FSQ(levels=list(config.fsq_levels), dim=config.latent_channels)
 
     def encode(self, x: torch.Tensor) -> torch.Tensor:
         return self.encoder(x)
 
     def decode(self, z: torch.Tensor) -> torch.Tensor:
+        """Latents (quantised first, for a quantising autoencoder) -> images."""
+        if self.quantizer is not None:
+            z = self.quantizer(z)[0]
         return self.decoder(z)
+
+    def tokens(self, x: torch.Tensor) -> torch.Tensor:
+        """Images -> codes [B, S/f, S/f] int64 (quantising autoencoders only)."""
+        return self.quantizer(self.encode(x))[1].long()
+
+    def decode_tokens(self, tokens: torch.Tensor) -> torch.Tensor:
+        return self.decoder(self.quantizer.indices_to_codes(tokens))
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         z = self.encode(x)
@@ -98,6 +113,17 @@ class Tokenizer(nn.Module):
     @torch.no_grad()
     def decode(self, z: torch.Tensor) -> torch.Tensor:
         return self.autoencoder.decode(z * self.std + self.mean).clamp(-1, 1)
+
+    @torch.no_grad()
+    def tokens(self, x: torch.Tensor) -> torch.Tensor:
+        """Images [B, 3, S, S] in [-1, 1] -> codes [B, N] (N = (S/f)^2), for the discrete backbone."""
+        return self.autoencoder.tokens(x).flatten(1)
+
+    @torch.no_grad()
+    def decode_tokens(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Codes [B, N] -> images [B, 3, S, S] in [-1, 1]."""
+        side = self.config.image_size // self.config.latent_factor
+        return self.autoencoder.decode_tokens(tokens.view(-1, side, side)).clamp(-1, 1)
 
 
 def read_tokenizer(path: str) -> dict[str, Any]:
@@ -167,6 +193,17 @@ def export(
             mse.append(((x_hat - x) ** 2).flatten(1).mean(1))
             recons.append(x_hat)
     mse_t = torch.cat(mse)
+    codebook: dict[str, Any] = {}
+    if model.quantizer is not None:  # how much of the codebook the training images use
+        with torch.no_grad():
+            codes = torch.cat([model.tokens(x).flatten() for x in batches(train_images)])
+        counts = torch.bincount(codes, minlength=cfg.model.codebook_size).double()
+        p = counts / counts.sum()
+        codebook = {
+            "codebook_size": cfg.model.codebook_size,
+            "codebook_usage": float((counts > 0).double().mean()),
+            "perplexity": float(torch.exp(-(p[p > 0] * p[p > 0].log()).sum())),
+        }
     figures = {
         "step": step,
         "latent_shape": list(z.shape[1:]),
@@ -177,6 +214,7 @@ def export(
         "reconstruction_mse": float(mse_t.mean()),  # on [-1, 1] images
         "reconstruction_psnr": float((10 * torch.log10(4.0 / mse_t.clamp(min=1e-10))).mean()),
         "run": run,
+        **codebook,
     }
     state = {
         "format": FORMAT,
@@ -196,8 +234,14 @@ def export(
     pair = [*held_images[:n], *to_uint8(torch.cat(recons)[:n])]
     save_png(grid(pair, cols=n), os.path.join(output, "reconstructions.png"))
     load_tokenizer.cache_clear()
+    usage = (
+        f", {codebook['codebook_size']} codes: {codebook['codebook_usage']:.0%} used, perplexity "
+        f"{codebook['perplexity']:.0f}"
+        if codebook
+        else ""
+    )
     print(
-        f"tokenizer: {tuple(figures['latent_shape'])} latents, held-out reconstruction MSE "
+        f"tokenizer: {tuple(figures['latent_shape'])} latents{usage}, held-out reconstruction MSE "
         f"{figures['reconstruction_mse']:.4f} (PSNR {figures['reconstruction_psnr']:.1f} dB) on "
         f"{len(held_images)} images -> {path}",
         flush=True,

@@ -83,7 +83,7 @@ def new_training_state(config: TrainConfig) -> tuple[Any, Any, torch.optim.Optim
     from diffusion.model import build_network
 
     torch.manual_seed(config.seed)
-    model = build_network(config.model)
+    model = build_network(config.model, config.num_timesteps)
     ema = ModelEmaV3(model, decay=config.ema_decay, use_warmup=True)  # short runs: the decay ramps up
     opt = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
     return model, ema, opt
@@ -127,11 +127,25 @@ def training_step(
     lr = config.lr * min(1.0, (step + 1) / max(config.warmup_steps, 1))
     for group in opt.param_groups:
         group["lr"] = lr
+    discrete = config.model.backbone == "discrete"
     if tokenizer is not None:
-        x0 = tokenizer.encode(x0)
+        x0 = tokenizer.tokens(x0) if discrete else tokenizer.encode(x0)
     with torch.autocast(x0.device.type, dtype=amp) if amp else nullcontext():
         if config.model.arch == "autoencoder":
             loss = autoencoder_loss(model, x0)
+        elif discrete:
+            from diffusion.discrete import MaskSchedule, discrete_diffusion_loss
+
+            loss = discrete_diffusion_loss(
+                model,
+                x0,
+                condition_of(batch, config.model.use_knn),
+                MaskSchedule(config.model.codebook_size, config.num_timesteps),
+                config.model.cond_drop_prob,
+                generator,
+                query_drop_prob=config.model.query_drop_prob,
+                aux_weight=config.aux_weight,
+            )
         else:
             loss = diffusion_loss(
                 model,
@@ -459,7 +473,13 @@ def use_tokenizer(config: TrainConfig) -> None:
             f"tokenizer {config.tokenizer} encodes {tok.image_size} px images with {tok.channels} channels but the "
             f"model generates {mc.image_size} px with {mc.channels}; set model: image_size: {tok.image_size}"
         )
+    if mc.backbone == "discrete" and not tok.codebook_size:
+        raise ValueError(
+            f"the discrete backbone needs a quantising tokenizer (fsq_levels, e.g. preset tokenizer-fsq); "
+            f"{config.tokenizer} has none"
+        )
     mc.latent_factor, mc.latent_channels = tok.latent_factor, tok.latent_channels
+    mc.codebook_size = tok.codebook_size if mc.backbone == "discrete" else 0
     mc.__post_init__()  # the network must fit the latent grid
 
 

@@ -227,12 +227,23 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="a tokenizer.pt (`knn-diffusion tokenizer`): learn in its latent space",
     )
+    p.add_argument(
+        "--backbone",
+        choices=("continuous", "discrete"),
+        default=None,
+        help="continuous (Gaussian diffusion) or discrete (VQ-Diffusion over a quantising --tokenizer's codes)",
+    )
     desc = "train the tokenizer (an autoencoder) on a database's images, for latent generators"
     p = sub.add_parser("tokenizer", help=desc, description=desc)
     p.add_argument(
         "--config",
         default=None,
         help="YAML: model + training fields (default: the tokenizer preset, as in configs/tokenizer.yaml)",
+    )
+    p.add_argument(
+        "--preset",
+        default="tokenizer",
+        help="without --config: tokenizer (continuous latents) or tokenizer-fsq (codes, for the discrete backbone)",
     )
     p.add_argument("--db", required=True, help="database folder whose shards hold the images")
     p.add_argument(
@@ -484,7 +495,12 @@ def train_command(args: argparse.Namespace) -> None:
         "batch_size_per_worker",
         "tokenizer",
     )
-    train(load_yaml(args.config, **{k: getattr(args, k) for k in names}), ray_address=args.ray_address)
+    config = load_yaml(args.config, **{k: getattr(args, k) for k in names})
+    if args.backbone:
+        import dataclasses
+
+        config.model = dataclasses.replace(config.model, backbone=args.backbone)
+    train(config, ray_address=args.ray_address)
 
 
 def tokenizer_command(args: argparse.Namespace) -> None:
@@ -503,7 +519,7 @@ def tokenizer_command(args: argparse.Namespace) -> None:
     if args.config:
         config = load_yaml(args.config, **paths)
     else:
-        config = tokenizer_config(**{k: v for k, v in paths.items() if v is not None})
+        config = tokenizer_config(args.preset, **{k: v for k, v in paths.items() if v is not None})
     train_tokenizer(config, ray_address=args.ray_address)
 
 

@@ -408,6 +408,8 @@ def test_autoencoder_config_gives_its_latent_grid_and_refuses_what_cannot_halve(
 def test_a_latent_model_needs_a_tokenizer_and_a_tokenizer_needs_none():
     with pytest.raises(ValueError, match="give the tokenizer"):
         TrainConfig(db="d", neighbours="n", output="o", model=model_config("small-latent"))
+    with pytest.raises(ValueError, match="quantising tokenizer"):
+        TrainConfig(db="d", neighbours="n", output="o", model=model_config("small-discrete"))
     with pytest.raises(ValueError, match="leave tokenizer unset"):
         TrainConfig(db="d", neighbours="n", output="o", model=model_config("tokenizer"), tokenizer="t.pt")
 
@@ -478,3 +480,43 @@ def test_tokenizer_stage_exports_and_a_latent_generator_trains_and_samples_throu
     )
     with pytest.raises(ValueError, match="encodes 16 px"):
         use_tokenizer(wrong)
+
+
+def test_discrete_backbone_trains_on_fsq_tokens_resumes_and_samples_deterministically(train_db, tmp_path):
+    from diffusion.sample import generate, load_model, retrieval_condition
+    from diffusion.tokenizer import tokenizer_config, train_tokenizer
+    from retrieval.database import Database
+
+    db = Database.open(train_db)
+    result = train_tokenizer(
+        tokenizer_config(
+            "tokenizer-fsq",
+            model={"image_size": 16, "widths": [8, 16], "latent_channels": 2, "fsq_levels": [4, 3]},
+            db=train_db,
+            neighbours=os.path.join(train_db, "neighbours"),
+            output=str(tmp_path / "fsq"),
+            steps=4,
+            batch_size_per_worker=8,
+        )
+    )
+    figures = result["figures"]
+    assert figures["codebook_size"] == 12 and 0 < figures["codebook_usage"] <= 1
+    assert 1 <= figures["perplexity"] <= 12
+    run = str(tmp_path / "discrete")
+    model = model_config("tiny", cond_dim=384, k=4, backbone="discrete")
+    train(config_for(train_db, run, model=model, tokenizer=result["tokenizer"], num_timesteps=20, steps=3))
+    train(config_for(train_db, run, model=model, tokenizer=result["tokenizer"], num_timesteps=20, steps=6))
+    state = state_of(run)
+    assert state["step"] == 6
+    assert {float(s["step"]) for s in state["optimizer"]["state"].values()} == {6.0}  # resumed, not restarted
+    net, config, _ = load_model(run)
+    assert (config.model.backbone, config.model.codebook_size, config.model.latent_channels) == (
+        "discrete",
+        12,
+        2,
+    )
+    assert net.head.out_channels == 12  # x_0 logits over the codebook
+    cond, _ = retrieval_condition(db, db.embeddings(db.ids[:2]), config)
+    first = generate(net, config, cond, steps=5, guidance=2.0, seed=3, truncation=0.9)
+    assert first.shape == (2, 16, 16, 3)
+    assert np.array_equal(first, generate(net, config, cond, steps=5, guidance=2.0, seed=3, truncation=0.9))

@@ -8,8 +8,6 @@ accuracy, Fréchet distance, KID and CLIP score. The paper (Sheynin et al. 2023)
 from __future__ import annotations
 
 import argparse
-import dataclasses
-import json
 import os
 import sys
 
@@ -31,30 +29,24 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    import yaml
 
     from diffusion.config import TrainConfig, model_config
     from diffusion.evaluate import EvaluateConfig, evaluate
     from diffusion.train import train
     from pipelines.neighbours import NeighboursConfig, compute
-    from pipelines.run import PipelineConfig, from_dict, procedural_attributes
+    from pipelines.run import procedural_attributes, read_finished
     from retrieval.database import DatabaseInfo
 
     args = parse_args(argv)
     ks = [int(k) for k in args.ks.split(",")]
-    with open(os.path.join(args.demo, "config.yaml")) as f:
-        config = from_dict(PipelineConfig, yaml.safe_load(f), "config.yaml")
-    with open(os.path.join(args.demo, "manifests", "train.json")) as f:
-        heldout = json.load(f)["settings"]["heldout"]
+    config, heldout = read_finished(args.demo)
     out = os.path.abspath(args.output or os.path.join(args.demo, "bench_ablation"))
     db = os.path.abspath(os.path.join(args.demo, "db", "main"))
     neighbours = os.path.join(out, "neighbours")
     compute(NeighboursConfig(db=db, output=neighbours, k=max(max(ks), 1)), ray_address=config.ray_address)
     dim = DatabaseInfo.read(db).dim
     g = config.generator
-    training = {
-        k: v for k, v in dataclasses.asdict(g).items() if k not in ("preset", "model", "compare_no_knn")
-    }
+    training = g.train_fields()
     if args.steps:
         training["steps"] = args.steps
     tokenizer = os.path.join(args.demo, "tokenizer", "tokenizer.pt")  # the demo's, for a latent preset

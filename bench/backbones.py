@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import os
 import sys
 
@@ -35,24 +34,19 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    import yaml
 
     from diffusion.config import TrainConfig, model_config
     from diffusion.evaluate import EvaluateConfig, evaluate
     from diffusion.tokenizer import tokenizer_config, train_tokenizer
     from diffusion.train import train
-    from pipelines.run import PipelineConfig, from_dict, procedural_attributes
+    from pipelines.run import procedural_attributes, read_finished
     from retrieval.database import DatabaseInfo
 
     args = parse_args(argv)
-    with open(os.path.join(args.demo, "config.yaml")) as f:
-        config = from_dict(PipelineConfig, yaml.safe_load(f), "config.yaml")
-    with open(os.path.join(args.demo, "manifests", "train.json")) as f:
-        heldout = json.load(f)["settings"]["heldout"]
+    config, heldout = read_finished(args.demo)
     out = os.path.abspath(args.output or os.path.join(args.demo, "bench_backbones"))
     db = os.path.abspath(os.path.join(args.demo, "db", "main"))
-    t = dataclasses.asdict(config.tokenizer)
-    t.pop("preset"), t.pop("model")
+    t = config.tokenizer.train_fields()
     if args.tokenizer_steps:
         t["steps"] = args.tokenizer_steps
     tokenizer = train_tokenizer(
@@ -66,12 +60,8 @@ def main(argv: list[str] | None = None) -> dict:
         ),
         ray_address=config.ray_address,
     )
-    g = config.generator
-    training = {
-        k: v
-        for k, v in dataclasses.asdict(g).items()
-        if k not in ("preset", "model", "compare_no_knn", "backbone")
-    }
+    g = dataclasses.replace(config.generator, backbone="discrete")
+    training = g.train_fields()  # num_timesteps: VQ-Diffusion's T
     if args.steps:
         training["steps"] = args.steps
     model = model_config(
@@ -86,7 +76,7 @@ def main(argv: list[str] | None = None) -> dict:
             model=model,
             exclude_parts=heldout,
             tokenizer=tokenizer["tokenizer"],
-            **{**training, "num_timesteps": 100},
+            **training,
         ),
         ray_address=config.ray_address,
     )

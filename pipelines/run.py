@@ -29,6 +29,7 @@ are unaffected. The demo is this config with its defaults.
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import math
 import os
@@ -231,6 +232,16 @@ class GeneratorSettings:
                 "(use preset: small-latent)"
             )
 
+    def train_fields(self) -> dict[str, Any]:
+        """The diffusion.config.TrainConfig fields these settings give (all but the model's; the discrete
+        backbone runs VQ-Diffusion's T = 100)."""
+        fields = dataclasses.asdict(self)
+        for name in ("preset", "model", "compare_no_knn", "backbone"):
+            del fields[name]
+        if self.backbone == "discrete":
+            fields["num_timesteps"] = 100
+        return fields
+
 
 @dataclasses.dataclass
 class TokenizerSettings:
@@ -256,6 +267,12 @@ class TokenizerSettings:
             raise ValueError(
                 f"tokenizer.preset must be an autoencoder preset (e.g. tokenizer), got {self.preset!r}"
             )
+
+    def train_fields(self) -> dict[str, Any]:
+        """The diffusion.config.TrainConfig fields these settings give (all but the model's)."""
+        fields = dataclasses.asdict(self)
+        del fields["preset"], fields["model"]
+        return fields
 
 
 @dataclasses.dataclass
@@ -797,16 +814,16 @@ class Pipeline:
         """The autoencoder in tokenizer/ (its training run, tokenizer.pt, tokenizer.json, reconstructions.png)."""
         from diffusion.tokenizer import tokenizer_config, train_tokenizer
 
-        t = dataclasses.asdict(self.config.tokenizer)
+        t = self.config.tokenizer
         db = self.path("db", "main")
         config = tokenizer_config(
-            t.pop("preset"),
-            t.pop("model"),
+            t.preset,
+            t.model,
             db=db,
             neighbours=os.path.join(db, "neighbours"),
             output=self.path("tokenizer"),
             exclude_parts=heldout,
-            **t,
+            **t.train_fields(),
         )
         result = train_tokenizer(config, ray_address=self.config.ray_address)
         return {
@@ -826,10 +843,7 @@ class Pipeline:
         from diffusion.config import TrainConfig
         from diffusion.train import train
 
-        training = dataclasses.asdict(self.config.generator)  # TrainConfig's fields, but for these
-        del training["preset"], training["model"], training["compare_no_knn"], training["backbone"]
-        if self.config.generator.backbone == "discrete":
-            training["num_timesteps"] = 100  # VQ-Diffusion's T
+        training = self.config.generator.train_fields()
         db = self.path("db", "main")
         runs = {"knn": ("run", model)}
         if self.config.generator.compare_no_knn and model.use_knn:
@@ -948,6 +962,15 @@ class Pipeline:
             ray_address=self.config.ray_address,
         )
         return result.clip_model
+
+
+def read_finished(demo: str) -> tuple[PipelineConfig, list[str]]:
+    """(the config, the held-out parts) of a finished run's output folder, for the benches that build on it."""
+    with open(os.path.join(demo, "config.yaml")) as f:
+        config = from_dict(PipelineConfig, yaml.safe_load(f), "config.yaml")
+    with open(os.path.join(demo, "manifests", "train.json")) as f:
+        heldout = json.load(f)["settings"]["heldout"]
+    return config, heldout
 
 
 def procedural_attributes() -> Any:

@@ -313,3 +313,20 @@ def test_a_no_knn_model_samples_only_the_main_database(tmp_path, monkeypatch, us
         [("main", None), ("ood", None), ("main", "q0"), ("main", "q1")] if use_knn else [("main", None)]
     )
     assert called == expected and len(result["targets"]) == len(expected)
+
+
+def test_generator_and_tokenizer_settings_give_train_configs():
+    """The pipeline and the benches build their TrainConfigs from these fields: every one must be a TrainConfig
+    field (a settings-only key, like backbone, must not leak in), and the discrete backbone runs T = 100."""
+    from diffusion.config import TrainConfig, model_config
+    from pipelines.run import GeneratorSettings, TokenizerSettings
+
+    paths = {"db": "d", "neighbours": "n", "output": "o"}
+    for backbone, steps in (("continuous", 1000), ("discrete", 100)):
+        g = GeneratorSettings(backbone=backbone)
+        fields = g.train_fields()
+        assert "backbone" not in fields and fields["steps"] == g.steps
+        config = TrainConfig(model=model_config(g.preset), tokenizer="t.pt", **paths, **fields)
+        assert config.num_timesteps == steps
+    t = TokenizerSettings()
+    assert TrainConfig(model=model_config(t.preset), **paths, **t.train_fields()).steps == t.steps

@@ -30,6 +30,10 @@ class ModelConfig:
     the tokens of the discrete backbone.
     backbone: "continuous" (Gaussian diffusion on pixels or latents) or "discrete" (diffusion/discrete.py:
     VQ-Diffusion over a quantising tokenizer's codes; codebook_size is filled in from the tokenizer).
+    edit: the editing model of mask-free text-driven editing (diffusion/edit.py): the UNet also reads a source
+    image (its latents, for a latent model) as extra input channels beside x_t, and its query token is the CLIP
+    embedding of the area to change (of an image's local area in training, of the edit text at inference).
+    Continuous UNet only; trained on diffusion/edit_pairs.py's pairs.
     unet: widths [channels per level, one level per halving of the image], blocks_per_level, attn_resolution
     [px]: levels at or below this size get self-attention and cross-attention to the condition tokens.
     width: the condition tokens' (and timestep embedding's) width; for the DiT also its model width.
@@ -63,6 +67,7 @@ class ModelConfig:
     fsq_levels: list[int] = dataclasses.field(default_factory=list)
     backbone: str = "continuous"
     codebook_size: int = 0
+    edit: bool = False
 
     def __post_init__(self) -> None:
         self.widths = [int(w) for w in self.widths]
@@ -101,6 +106,12 @@ class ModelConfig:
         return self.latent_channels or self.channels
 
     def _check_latent(self) -> None:
+        if self.edit and (self.arch != "unet" or self.backbone != "continuous" or self.use_knn):
+            raise ValueError(
+                "an editing model (edit: true) is a continuous unet without kNN (use_knn: false): its condition is "
+                f"the source image and one embedding; got arch {self.arch}, backbone {self.backbone}, "
+                f"use_knn {self.use_knn}"
+            )
         if self.latent_channels < 0 or self.latent_factor < 1:
             raise ValueError(
                 f"latent_channels must be >= 0 and latent_factor >= 1, got {self.latent_channels}, "
@@ -187,6 +198,19 @@ PRESETS: dict[str, dict[str, Any]] = {
         k=10,
         query_drop_prob=0.3,
     ),
+    # the editing model (diffusion/edit.py): the small-latent UNet reading the source image's latents beside x_t,
+    # conditioned on one embedding (a local area's in training, the edit text's at inference)
+    "small-edit": dict(
+        image_size=32,
+        latent_factor=2,
+        latent_channels=4,
+        widths=[32, 64, 128],
+        width=256,
+        num_heads=4,
+        k=0,
+        use_knn=False,
+        edit=True,
+    ),
     # the DiT at the small preset's scale (patch 4), for comparison
     "dit-small": dict(arch="dit", image_size=32, patch_size=4, width=192, depth=6, num_heads=6, k=10),
     # the paper's scale for GPU clusters: an ADM/GLIDE-sized UNet at 64 px
@@ -236,6 +260,13 @@ class TrainConfig:
     tokenizer: a tokenizer file (`knn-diffusion tokenizer`, diffusion/tokenizer.py): the denoiser learns and samples
     in its latent space, and sampling decodes through it. None: pixel space. A model whose arch is
     "autoencoder" is the tokenizer itself, trained by the same loop on reconstruction.
+    init_from: a run folder or state.pt whose EMA weights start a new run (fine-tuning; see train.init_weights),
+    e.g. an editing model started from the no-kNN generator.
+    edit_area: an editing model's pairs (diffusion/edit_pairs.py): the sides of the random area M, as fractions
+    of the image side (each drawn uniformly between the two). edit_motion: ECC's motion model, affine or
+    euclidean, aligning each image's nearest neighbour to it. edit_hue: the probability that the aligned neighbour's
+    hue is turned by a random angle before it is pasted (on the demo's data the nearest neighbour shares the
+    image's shape colour 98% of the time, so without it no pair asks for a change of colour).
     step_hook: "module:function" called by every worker after every step as function(step=, rank=, world=,
     config=); the tests inject faults with it (tests/faults.py). Imported in the worker, so the module must be
     importable there.
@@ -271,6 +302,10 @@ class TrainConfig:
     seed: int = 0
     tokenizer: str | None = None
     aux_weight: float = 1.0
+    edit_area: list[float] = dataclasses.field(default_factory=lambda: [0.4, 0.8])
+    edit_motion: str = "affine"
+    edit_hue: float = 0.5
+    init_from: str | None = None
     step_hook: str | None = None
 
     def __post_init__(self) -> None:
@@ -297,8 +332,20 @@ class TrainConfig:
         if self.step_hook is not None and ":" not in self.step_hook:
             raise ValueError(f"step_hook must be 'module:function', got {self.step_hook!r}")
         self._check_tokenizer()
+        self._check_edit()
         if self.precision not in ("auto", "fp32", "bf16"):
             raise ValueError(f"precision must be auto, fp32 or bf16, got {self.precision!r}")
+
+    def _check_edit(self) -> None:
+        self.edit_area = [float(v) for v in self.edit_area]
+        if len(self.edit_area) != 2 or not 0 < self.edit_area[0] <= self.edit_area[1] <= 1:
+            raise ValueError(
+                f"edit_area must be [min, max] side fractions with 0 < min <= max <= 1, got {self.edit_area}"
+            )
+        if not 0 <= self.edit_hue <= 1:
+            raise ValueError(f"edit_hue is a probability in [0, 1], got {self.edit_hue}")
+        if self.edit_motion not in ("affine", "euclidean"):
+            raise ValueError(f"edit_motion must be affine or euclidean, got {self.edit_motion!r}")
 
     def _check_tokenizer(self) -> None:
         if self.model.backbone == "discrete" and not self.tokenizer:

@@ -47,6 +47,7 @@ METRIC_FIELDS = (
     "weight_disagreement",
     "start_step",
     "time",
+    "aligned_fraction",  # an editing model's pairs whose neighbour ECC aligned (diffusion/edit_pairs.py)
 )
 
 
@@ -84,9 +85,44 @@ def new_training_state(config: TrainConfig) -> tuple[Any, Any, torch.optim.Optim
 
     torch.manual_seed(config.seed)
     model = build_network(config.model, config.num_timesteps)
+    if (
+        config.init_from
+    ):  # fine-tuning: a trained network's weights start the run (a resumed run then loads its own)
+        init_weights(model, config.init_from)
     ema = ModelEmaV3(model, decay=config.ema_decay, use_warmup=True)  # short runs: the decay ramps up
     opt = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
     return model, ema, opt
+
+
+def init_weights(model: torch.nn.Module, checkpoint: str) -> None:
+    """Start model from a checkpoint's EMA weights (fine-tuning). A tensor that differs only in its input channels
+    (dim 1: an editing model's stem reads the source beside x_t) gets the trained weights in its first channels
+    and zeros in the new ones, so the network starts as the trained one; any other mismatch is an error."""
+    path = latest_checkpoint(checkpoint)
+    weights = read_state(path)["ema"]
+    own = model.state_dict()
+    for name, tensor in own.items():
+        if name not in weights:
+            raise ValueError(
+                f"init_from {path}: it has no {name}; start from a checkpoint of the same network"
+            )
+        src = weights[name]
+        if src.shape == tensor.shape:
+            own[name] = src
+        elif (
+            src.dim() == tensor.dim() >= 2
+            and src.shape[0] == tensor.shape[0]
+            and src.shape[2:] == tensor.shape[2:]
+        ):
+            grown = torch.zeros_like(tensor)
+            grown[:, : src.shape[1]] = src
+            own[name] = grown
+        else:
+            raise ValueError(
+                f"init_from {path}: {name} is {tuple(src.shape)} there and {tuple(tensor.shape)} here; start from a "
+                "checkpoint of the same network"
+            )
+    model.load_state_dict(own)
 
 
 def restore_training_state(
@@ -128,6 +164,10 @@ def training_step(
     for group in opt.param_groups:
         group["lr"] = lr
     discrete = config.model.backbone == "discrete"
+    cond = condition_of(batch, config.model.use_knn)
+    if config.model.edit:  # the manipulated image, in the space x0 is in
+        source = batch["source"].permute(0, 3, 1, 2).float() / 127.5 - 1
+        cond["source"] = tokenizer.encode(source) if tokenizer is not None else source
     if tokenizer is not None:
         x0 = tokenizer.tokens(x0) if discrete else tokenizer.encode(x0)
     with torch.autocast(x0.device.type, dtype=amp) if amp else nullcontext():
@@ -139,7 +179,7 @@ def training_step(
             loss = discrete_diffusion_loss(
                 model,
                 x0,
-                condition_of(batch, config.model.use_knn),
+                cond,
                 MaskSchedule(config.model.codebook_size, config.num_timesteps),
                 config.model.cond_drop_prob,
                 generator,
@@ -150,7 +190,7 @@ def training_step(
             loss = diffusion_loss(
                 model,
                 x0,
-                condition_of(batch, config.model.use_knn),
+                cond,
                 alphas_cumprod,
                 config.model.cond_drop_prob,
                 generator,
@@ -211,7 +251,13 @@ def train_loop_per_worker(cfg: dict[str, Any]) -> None:
     amp = autocast_dtype(device, config.precision)
     tokenizer = worker_tokenizer(config, device)
     shard = ray.train.get_dataset_shard("train")
-    window: dict[str, float] = {"loss": 0.0, "n": 0, "wait": 0.0, "start": time.perf_counter()}
+    window: dict[str, float] = {
+        "loss": 0.0,
+        "n": 0,
+        "wait": 0.0,
+        "aligned": 0.0,
+        "start": time.perf_counter(),
+    }
     while step < config.steps:  # the stream holds the epochs needed; it restarts only if a split ran short
         tic = time.perf_counter()
         for batch in shard.iter_torch_batches(
@@ -227,18 +273,10 @@ def train_loop_per_worker(cfg: dict[str, Any]) -> None:
             step += 1
             window["loss"] += float(loss)
             window["n"] += 1
+            window["aligned"] += float(batch["aligned"].float().mean()) if "aligned" in batch else 0.0
             due_ckpt = step % config.checkpoint_every == 0 or step == config.steps
             if step % config.log_every == 0 or due_ckpt:
-                seconds = time.perf_counter() - window["start"]
-                metrics = {
-                    "step": step,
-                    "loss": window["loss"] / window["n"],
-                    "samples_per_s": window["n"] * config.batch_size_per_worker / seconds,
-                    "data_wait_fraction": window["wait"] / seconds,
-                    "lr": lr,
-                    "param_sum": float(sum(p.detach().double().sum() for p in raw.parameters())),
-                    "start_step": start_step,
-                }
+                metrics = window_metrics(window, step, lr, start_step, raw, config)
                 if due_ckpt:
                     with tempfile.TemporaryDirectory() as d:
                         if rank == 0:
@@ -249,12 +287,31 @@ def train_loop_per_worker(cfg: dict[str, Any]) -> None:
                         ray.train.report(metrics, checkpoint=ckpt)
                 else:
                     ray.train.report(metrics)
-                window = {"loss": 0.0, "n": 0, "wait": 0.0, "start": time.perf_counter()}
+                window = {"loss": 0.0, "n": 0, "wait": 0.0, "aligned": 0.0, "start": time.perf_counter()}
             if step >= config.steps:
                 break
             if hook is not None:
                 hook(step=step, rank=rank, world=world, config=config)
             tic = time.perf_counter()
+
+
+def window_metrics(
+    window: dict[str, float], step: int, lr: float, start_step: int, raw: torch.nn.Module, config: TrainConfig
+) -> dict[str, float]:
+    """A worker's report over the steps since its last one."""
+    seconds = time.perf_counter() - window["start"]
+    metrics = {
+        "step": step,
+        "loss": window["loss"] / window["n"],
+        "samples_per_s": window["n"] * config.batch_size_per_worker / seconds,
+        "data_wait_fraction": window["wait"] / seconds,
+        "lr": lr,
+        "param_sum": float(sum(p.detach().double().sum() for p in raw.parameters())),
+        "start_step": start_step,
+    }
+    if config.model.edit:
+        metrics["aligned_fraction"] = window["aligned"] / window["n"]
+    return metrics
 
 
 def worker_tokenizer(config: TrainConfig, device: Any) -> Any:
@@ -302,6 +359,8 @@ def _metrics_callback(config: TrainConfig) -> Any:
                 "start_step": min(m["start_step"] for m in metrics),
                 "time": time.time() - self.start,
             }
+            if "aligned_fraction" in metrics[0]:
+                row["aligned_fraction"] = sum(m["aligned_fraction"] for m in metrics) / len(metrics)
             if self.last_step is None or step <= self.last_step:
                 # a resumed run, or a worker group restarted from a checkpoint: drop the rows it repeats, once
                 write_metrics(self.path, [r for r in read_metrics(self.path) if r["step"] < step] + [row])
@@ -325,12 +384,13 @@ def read_metrics(path: str) -> list[dict[str, float]]:
     if not fs.exists(p):
         return []
     with fs.open(p, "r") as f:
-        return [{k: float(v) for k, v in r.items()} for r in csv.DictReader(f)]
+        # columns a row leaves empty (aligned_fraction outside editing runs) are left out
+        return [{k: float(v) for k, v in r.items() if k and v not in ("", None)} for r in csv.DictReader(f)]
 
 
 def write_metrics(path: str, rows: list[dict[str, float]]) -> None:
     buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=METRIC_FIELDS)
+    writer = csv.DictWriter(buf, fieldnames=METRIC_FIELDS, restval="")
     writer.writeheader()
     writer.writerows(rows)
     fs, p = fsspec.core.url_to_fs(path)
@@ -339,7 +399,7 @@ def write_metrics(path: str, rows: list[dict[str, float]]) -> None:
 
 def append_metrics(path: str, row: dict[str, float]) -> None:
     buf = io.StringIO()
-    csv.DictWriter(buf, fieldnames=METRIC_FIELDS).writerow(row)
+    csv.DictWriter(buf, fieldnames=METRIC_FIELDS, restval="").writerow(row)
     fs, p = fsspec.core.url_to_fs(path)
     try:
         with fs.open(p, "ab") as f:
@@ -399,6 +459,8 @@ def train(config: TrainConfig, ray_address: str | None = None) -> dict[str, Any]
     ).clip_model  # recorded: sampling checks its databases' CLIP
     if config.tokenizer:
         use_tokenizer(config)
+    if config.init_from and "://" not in config.init_from:
+        config.init_from = os.path.abspath(latest_checkpoint(config.init_from))  # the workers open it
     output = config.output if "://" in config.output else os.path.abspath(config.output)
     config.output = output
     fs, root = fsspec.core.url_to_fs(output)

@@ -72,7 +72,8 @@ class AttentionBlock(nn.Module):
 
 class KnnUNet(nn.Module):
     """forward(x [B,C,H,W], t [B], query [B,D], neighbours [B,k,D] | None, valid [B,k] | None, drop [B] | None,
-    drop_query [B] | None) -> [B,C,H,W]; the condition arguments are ConditionTokens'."""
+    drop_query [B] | None, source [B,C,H,W] | None) -> [B,C,H,W]; the condition arguments are ConditionTokens';
+    source: the image an editing model (config.edit) edits, in x's space."""
 
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
@@ -82,9 +83,8 @@ class KnnUNet(nn.Module):
         self.t_mlp = nn.Sequential(nn.Linear(emb, emb), nn.SiLU(), nn.Linear(emb, emb))
         self.pool_mlp = nn.Sequential(nn.Linear(emb, emb), nn.SiLU(), nn.Linear(emb, emb))
         p = config.patch_size  # > 1: the first level works on p x p pixel patches (space-to-depth), for speed
-        self.stem = nn.Sequential(
-            nn.PixelUnshuffle(p), nn.Conv2d(config.grid_channels * p * p, widths[0], 3, padding=1)
-        )
+        inputs = config.grid_channels * (2 if config.edit else 1)  # an editing model also reads the source
+        self.stem = nn.Sequential(nn.PixelUnshuffle(p), nn.Conv2d(inputs * p * p, widths[0], 3, padding=1))
         self.down = nn.ModuleList()
         self.down_attn = nn.ModuleList()
         self.downsample = nn.ModuleList()
@@ -134,11 +134,19 @@ class KnnUNet(nn.Module):
         valid: torch.Tensor | None = None,
         drop: torch.Tensor | None = None,
         drop_query: torch.Tensor | None = None,
+        source: torch.Tensor | None = None,
     ) -> torch.Tensor:
         cond = self.cond(query, neighbours, valid, drop, drop_query)
         emb = self.t_mlp(timestep_embedding(t, self.config.width).to(cond.dtype)) + self.pool_mlp(
             cond.mean(dim=1)
         )
+        if self.config.edit:  # the source is never dropped: guidance contrasts the embedding alone
+            if source is None or source.shape != x.shape:
+                raise ValueError(
+                    f"an editing model needs source= of the input's shape {tuple(x.shape)}, got "
+                    f"{None if source is None else tuple(source.shape)}"
+                )
+            x = torch.cat([x, source.to(x.dtype)], dim=1)
         h = self.stem(x)
         hs = [h]
         blocks = iter(zip(self.down, self.down_attn, strict=True))

@@ -257,6 +257,24 @@ def build_parser() -> argparse.ArgumentParser:
         help="database parts left out of training; the reconstruction error is measured on them",
     )
     p.add_argument("--ray-address", default=None, help=ray_help)
+    desc = (
+        "edit an image by a text, with no mask: an editing model (train --config configs/edit.yaml) redraws the "
+        "part the text talks about -> before.png, after.png, heatmap.png, edit.png, edit.json"
+    )
+    p = sub.add_parser("edit", help=desc, description=desc)
+    p.add_argument("--checkpoint", required=True, help="an editing model's run folder or state.pt")
+    p.add_argument(
+        "--image", required=True, help="the image to edit (centre-cropped and resized to the model's)"
+    )
+    p.add_argument("--text", required=True, help='what the edited part should show, e.g. "a blue square"')
+    p.add_argument("--output", required=True, help="folder for the results")
+    p.add_argument(
+        "--guidance", type=float, default=3.0, help="classifier-free guidance on the text (default: 3)"
+    )
+    p.add_argument("--steps", type=int, default=20, help="sampling steps (default: 20)")
+    p.add_argument("--sampler", default="dpmpp_2m", help="ddim, ddpm or dpmpp_2m (default: dpmpp_2m)")
+    p.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
+    p.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda when there is a GPU)")
     desc = "generate images for prompts, conditioned on their neighbours in any database or band"
     p = sub.add_parser("sample", help=desc, description=desc)
     p.add_argument("--checkpoint", required=True, help="run folder (its latest checkpoint) or a state.pt")
@@ -541,6 +559,13 @@ def sample_command(args: argparse.Namespace) -> None:
     sample(SampleConfig(**{k: getattr(args, k) for k in names}, use_ema=args.ema))
 
 
+def edit_command(args: argparse.Namespace) -> None:
+    from diffusion.edit import EditConfig, edit
+
+    names = ("checkpoint", "image", "text", "output", "guidance", "steps", "sampler", "seed", "device")
+    edit(EditConfig(**{k: getattr(args, k) for k in names}))
+
+
 def serve_command(args: argparse.Namespace) -> None:
     from retrieval.serve import ServeConfig, serve
 
@@ -597,6 +622,7 @@ COMMANDS = {
     "train": train_command,
     "tokenizer": tokenizer_command,
     "sample": sample_command,
+    "edit": edit_command,
     "evaluate": evaluate_command,
     "catalogue": catalogue_command,
     "serve": serve_command,

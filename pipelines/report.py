@@ -172,6 +172,39 @@ def _tokenizer_section(add: Any, out: str, tokenizer: dict[str, Any]) -> None:
         add(_img(src, "held-out images and their reconstructions", 140))
 
 
+def _edit_section(add: Any, out: str, edits: dict[str, Any]) -> None:
+    add(
+        "<h2>Editing</h2><p>Mask-free text-driven editing: a model trained on pairs made from each image and its "
+        f"ECC-aligned nearest neighbour (ECC aligned {edits['aligned_fraction']:.0%} of the pairs; the others "
+        "took the neighbour unaligned), asked to redraw held-out images by a text.</p>"
+    )
+    record = edits.get("edits")
+    if not record:
+        return
+    asked = ", ".join(record["asked_attributes"])
+    add(
+        f"<table><caption>{record['num_trials']} edits of held-out images, {record['steps']} "
+        f"{html.escape(record['sampler'])} steps, guidance {record['guidance']}: the edit text is the image's caption "
+        "with another shape colour; the attribute classifier reads the result.</caption>"
+        f"<tr><th>asked ({html.escape(asked)}) right</th>"
+        + "".join(f"<th>{html.escape(a.replace('_', ' '))} kept</th>" for a in record["kept"])
+        + "<th>PSNR outside the shape [dB]</th><th>s / edit</th></tr><tr>"
+        f"<td>{record['edit_accuracy']:.2f}</td>"
+        + "".join(f"<td>{v:.2f}</td>" for v in record["kept"].values())
+        + f"<td>{record['psnr_outside_db']:.1f}</td><td>{record['seconds_per_edit']:.3f}</td></tr></table>"
+    )
+    src = os.path.join(out, "edit", "edits.png")
+    if os.path.exists(src):
+        shutil.copyfile(src, os.path.join(out, "report", "edits.png"))
+        add("<p>Each row: the held-out image, the edit, and where it changed (|after - before|).</p>")
+        add(
+            "<p>"
+            + "<br>".join(html.escape(f"{x['caption']} -> {x['text']}") for x in record["examples"])
+            + "</p>"
+        )
+        add(_img("report/edits.png", "edits: before, after, heat map", 480))
+
+
 def write_report(
     out: str,
     config: Any,
@@ -182,9 +215,10 @@ def write_report(
     samples: dict[str, Any],
     evaluation: dict[str, Any],
     tokenizer: dict[str, Any] | None = None,
+    edits: dict[str, Any] | None = None,
 ) -> str:
     """Write report.html (atomically) and its pictures; returns the report's path. tokenizer: the tokenizer
-    stage's result, when the generator works in its latent space."""
+    stage's result, when the generator works in its latent space; edits: the edit stage's, when it ran."""
     os.makedirs(os.path.join(out, "report"), exist_ok=True)
     cells = _sample_cells(out, samples, len(config.sample.prompts))
     h: list[str] = []
@@ -205,6 +239,8 @@ def write_report(
     _encoder_section(add, clip, evaluation["retrieval"], config.clip.model == "fit")
     _samples_sections(add, config, cells, aesthetic["bands"])
     _training_sections(add, out, aesthetic, trained)
+    if edits:
+        _edit_section(add, out, edits)
     if tokenizer:
         _tokenizer_section(add, out, tokenizer)
     add("</body></html>")

@@ -41,6 +41,7 @@ from collections.abc import Callable
 from typing import Any, TypeVar
 
 import fsspec
+import numpy as np
 import yaml
 
 from retrieval.storage import atomic_write_bytes
@@ -328,6 +329,58 @@ class EvaluateSettings:
 
 
 @dataclasses.dataclass
+class EditSettings:
+    """The edit stage (mask-free text-driven editing, diffusion/edit.py): an editing model trained on pairs built
+    from each image and its ECC-aligned nearest neighbour, then edits of held-out images judged by the evaluate
+    stage's attribute classifier (procedural data: recolour the shape). steps: 0 turns the stage off. preset and
+    model: the editing network (diffusion/config.py; a latent preset learns in the tokenizer stage's latents).
+    init: "no-knn" starts it from the no-kNN generator's weights (fine-tuning: the same network, plus the source's
+    input channels, zero at first; it needs generator.compare_no_knn) or "scratch". area, motion, hue: TrainConfig's
+    edit_area, edit_motion, edit_hue. num_trials, guidance, sampler, sample_steps: the edits.
+
+    Measured on the full demo's data (64 recolouring edits of held-out images, guidance 3): fine-tuned from the
+    no-kNN generator for 150 steps, the asked colour 0.83, background kept 0.91, its colour 0.92; from scratch,
+    300 steps: 0.44; without the hue jitter (neighbours share the image's colours 98% of the time): 0.03."""
+
+    preset: str = "small-edit"
+    model: dict[str, Any] = dataclasses.field(default_factory=dict)
+    init: str = "no-knn"
+    steps: int = 150
+    batch_size_per_worker: int = 64
+    lr: float = 2e-3
+    warmup_steps: int = 20
+    area: list[float] = dataclasses.field(default_factory=lambda: [0.4, 0.8])
+    motion: str = "affine"
+    hue: float = 0.5
+    num_trials: int = 64
+    guidance: float = 3.0
+    sampler: str = "dpmpp_2m"
+    sample_steps: int = 20
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        from diffusion.config import model_config
+        from diffusion.samplers import SAMPLERS
+
+        _at_least("edit", self, 0, "steps", "warmup_steps", "seed")
+        _at_least("edit", self, 1, "batch_size_per_worker", "num_trials", "sample_steps")
+        _positive("edit", self, "lr")
+        if self.sampler not in SAMPLERS:
+            raise ValueError(f"edit.sampler must be one of {sorted(SAMPLERS)}, got {self.sampler!r}")
+        if self.init not in ("no-knn", "scratch"):
+            raise ValueError(f"edit.init must be no-knn or scratch, got {self.init!r}")
+        if not model_config(self.preset, **self.model).edit:
+            raise ValueError(
+                f"edit.preset must be an editing model (edit: true, e.g. small-edit), got {self.preset!r}"
+            )
+
+    def model_config(self, cond_dim: int | None = None) -> Any:
+        from diffusion.config import model_config
+
+        return model_config(self.preset, **{**self.model, **({"cond_dim": cond_dim} if cond_dim else {})})
+
+
+@dataclasses.dataclass
 class PipelineConfig:
     """The whole pipeline. output: the folder receiving everything. ray_address: as every stage's."""
 
@@ -339,6 +392,7 @@ class PipelineConfig:
     generator: GeneratorSettings = dataclasses.field(default_factory=GeneratorSettings)
     sample: SampleSettings = dataclasses.field(default_factory=SampleSettings)
     evaluate: EvaluateSettings = dataclasses.field(default_factory=EvaluateSettings)
+    edit: EditSettings = dataclasses.field(default_factory=EditSettings)
     ray_address: str | None = None
 
     def __post_init__(self) -> None:
@@ -380,6 +434,15 @@ QUICK: dict[str, dict[str, Any]] = {
     # the first two prompts; guidance 1.5 suits the tiny pixel model (the quick test's colour check)
     "sample": {"prompts": lambda prompts: prompts[:2], "steps": 10, "num_per_prompt": 2, "guidance": 1.5},
     "evaluate": {"num_prompts": 60, "steps": 10, "classifier_epochs": 30, "guidance": 1.5},
+    # a pixel-space editing model (the quick generator has no tokenizer), trained briefly: the stage runs, no more
+    "edit": {
+        "preset": "tiny",
+        "model": {"k": 0, "use_knn": False, "edit": True},
+        "steps": 30,
+        "batch_size_per_worker": 32,
+        "num_trials": 16,
+        "sample_steps": 10,
+    },
 }
 
 T = TypeVar("T")
@@ -531,7 +594,8 @@ class Pipeline:
         self.stage("neighbours", {"k": model.k}, lambda: self.neighbours(model.k), deps=("embed", "index"))
         heldout = [os.path.basename(tar)[: -len(".tar")] for tar in clip["holdout_shards"]]
         tokenizer = None
-        if model.latent_channels:
+        edit_model = c.edit.model_config() if c.edit.steps else None
+        if model.latent_channels or (edit_model is not None and edit_model.latent_channels):
             tokenizer = self.stage(
                 "tokenizer",
                 {**dataclasses.asdict(c.tokenizer), "heldout": heldout},
@@ -556,10 +620,25 @@ class Pipeline:
             lambda: self.evaluate(clip, trained, heldout),
             deps=("train", "clip", "index"),
         )
+        edits = None
+        if edit_model is not None:
+            edits = self.stage(
+                "edit",
+                {**dataclasses.asdict(c.edit), "heldout": heldout},
+                lambda: self.edit(heldout, tokenizer, trained),
+                deps=(
+                    "download",
+                    "embed",
+                    "neighbours",
+                    "train",
+                    "evaluate",
+                    *(("tokenizer",) if tokenizer else ()),
+                ),
+            )
         from pipelines.report import write_report
 
         report = write_report(
-            self.out, c, self.timings, clip, aesthetic, trained, samples, evaluation, tokenizer
+            self.out, c, self.timings, clip, aesthetic, trained, samples, evaluation, tokenizer, edits
         )
         atomic_write_bytes(  # the config of the run that made this report (a refused run leaves it alone)
             fsspec.filesystem("file"),
@@ -936,6 +1015,74 @@ class Pipeline:
             "generators": record,
         }
 
+    def edit(
+        self, heldout: list[str], tokenizer: dict[str, Any] | None, trained: dict[str, Any]
+    ) -> dict[str, Any]:
+        """The editing model in edit_run/ (pairs from the main database less the held-out parts; fine-tuned from the
+        no-kNN generator with edit.init no-knn) and, for procedural data, edits of held-out images in edit/ judged
+        by the evaluate stage's classifier."""
+        from diffusion.config import TrainConfig
+        from diffusion.edit import evaluate_edits
+        from diffusion.train import train
+        from retrieval.database import DatabaseInfo
+
+        e = self.config.edit
+        db = self.path("db", "main")
+        model = e.model_config(cond_dim=DatabaseInfo.read(db).dim)
+        init_from = None
+        if e.init == "no-knn":
+            if "no-knn" not in trained["runs"]:
+                raise ValueError(
+                    "edit.init: no-knn fine-tunes the no-kNN generator, which was not trained; set "
+                    "generator.compare_no_knn: true or edit.init: scratch"
+                )
+            init_from = trained["runs"]["no-knn"]["folder"]
+        result = train(
+            TrainConfig(
+                db=db,
+                neighbours=os.path.join(db, "neighbours"),
+                output=self.path("edit_run"),
+                model=model,
+                exclude_parts=heldout,
+                tokenizer=tokenizer["tokenizer"] if tokenizer and model.latent_channels else None,
+                steps=e.steps,
+                batch_size_per_worker=e.batch_size_per_worker,
+                lr=e.lr,
+                warmup_steps=e.warmup_steps,
+                edit_area=e.area,
+                edit_motion=e.motion,
+                edit_hue=e.hue,
+                init_from=init_from,
+                seed=e.seed,
+                log_every=max(1, min(20, e.steps)),
+                checkpoint_every=max(1, e.steps),
+            ),
+            ray_address=self.config.ray_address,
+        )
+        out: dict[str, Any] = {
+            "outputs": [self.path("edit_run")],
+            "run": self.path("edit_run"),
+            "aligned_fraction": result["metrics"].get("aligned_fraction", float("nan")),
+            "samples_per_s": result["metrics"].get("samples_per_s", float("nan")),
+        }
+        classifier = self.path("evaluation", "classifier.pt")
+        if self.config.data.source == "procedural" and os.path.exists(classifier + ".json"):
+            out["edits"] = evaluate_edits(
+                self.path("edit_run"),
+                db,
+                heldout,
+                classifier,
+                procedural_edits(),
+                self.path("edit"),
+                num_trials=e.num_trials,
+                guidance=e.guidance,
+                steps=e.sample_steps,
+                sampler=e.sampler,
+                seed=e.seed,
+            )
+            out["outputs"].append(self.path("edit"))
+        return out
+
     def eval_clip(self, clip: dict[str, Any]) -> str:
         """The evaluation CLIP's name: evaluate.eval_clip "same", a name, or "fit" (fitted here with another seed
         on the same shards, when the conditioning CLIP was fitted too; else the conditioning one)."""
@@ -983,6 +1130,35 @@ def procedural_attributes() -> Any:
         return None if scene is None else dataclasses.asdict(scene)
 
     return AttributeSpec(SCENE_ATTRIBUTES, parse, SCENE_HFLIP)
+
+
+def procedural_edits() -> Any:
+    """Edits of procedural scenes for the edit stage: recolour the shape (its caption with another colour, never
+    the background's), judged outside the shape's pixels (those near its palette colour, grown by one pixel)."""
+    import cv2
+
+    from diffusion.edit import EditSpec
+    from pipelines.demo_data import PALETTE, caption, parse_caption
+
+    def make(text: str, rng: np.random.Generator) -> tuple[str, dict[str, str]] | None:
+        scene = parse_caption(text)
+        if scene is None:
+            return None
+        colours = [c for c in PALETTE if c not in (scene.colour, scene.background_colour)]
+        colour = colours[int(rng.integers(len(colours)))]
+        return caption(dataclasses.replace(scene, colour=colour)), {"colour": colour}
+
+    def area(image: np.ndarray, text: str) -> np.ndarray:
+        scene = parse_caption(text)
+        if scene is None:
+            return np.zeros(image.shape[:2], bool)
+        near = (
+            np.linalg.norm(image.astype(np.float32) - np.array(PALETTE[scene.colour], np.float32), axis=-1)
+            < 80
+        )
+        return cv2.dilate(near.astype(np.uint8), np.ones((3, 3), np.uint8)).astype(bool)
+
+    return EditSpec(make, area)
 
 
 def holdout_shards(shards: str, fraction: float) -> list[str]:

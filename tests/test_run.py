@@ -24,6 +24,7 @@ STAGES = [
     "train",
     "sample",
     "evaluate",
+    "edit",
 ]
 
 

@@ -179,6 +179,7 @@ def load_edit_part(
         raise ValueError(f"{item['tar']} lacks images {missing[:5]} that the database lists; re-run embed")
     nearest = table["neighbour_ids"][:, 0] if table["neighbour_ids"].shape[1] else np.full(len(ids), -1)
     donors = _images(db, item["tar"], np.unique(nearest[nearest >= 0]))
+    torch.set_num_threads(1)  # one core per task: the training workers hold the rest
     encoder = cached_encoder(clip_model)
     rng = np.random.default_rng([zlib.crc32(item["tar"].encode()), epoch, seed])
     order = rng.permutation(len(ids))

@@ -315,7 +315,8 @@ def sample(config: SampleConfig) -> dict[str, Any]:
         "num_per_prompt": n,
         "prompts": [],
     }
-    thumbs: list[np.ndarray] = []
+    # every prompt's neighbours in one read of the shards (a read per prompt parsed every tar again: 4.4 s of 6.6)
+    thumbs = thumbnails(db, found.ids.reshape(-1), mc.image_size) if found is not None else []
     for i, prompt in enumerate(prompts):
         entry: dict[str, Any] = {"prompt": prompt, "grid_row": i}
         if found is not None:
@@ -326,7 +327,6 @@ def sample(config: SampleConfig) -> dict[str, Any]:
             ]
             with contextlib.suppress(KeyError):  # a remote database knows only what its searches returned
                 entry["neighbour_captions"] = [str(c) for c in db.metadata(np.array(ids)).get("caption", [])]
-            thumbs.extend(thumbnails(db, found.ids[i], mc.image_size))
         record["prompts"].append(entry)
     if thumbs and any(t.any() for t in thumbs):
         save_png(grid(thumbs, cols=mc.k), os.path.join(config.output, "neighbours.png"))

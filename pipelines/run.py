@@ -252,7 +252,7 @@ class TokenizerSettings:
 
     preset: str = "tokenizer"
     model: dict[str, Any] = dataclasses.field(default_factory=dict)
-    steps: int = 300
+    steps: int = 260  # held-out PSNR ~31 dB (300: 31.0); 260 keeps the demo with its edit stage in 15 minutes
     batch_size_per_worker: int = 64
     lr: float = 2e-3
     warmup_steps: int = 20
@@ -311,7 +311,7 @@ class EvaluateSettings:
     steps: int = 20
     guidance: float = 3.0
     eval_clip: str = "same"
-    classifier_epochs: int = 8
+    classifier_epochs: int = 5  # held-out accuracy 1.000 on every attribute (8 epochs: the same, 8 s more)
     inception_weights: str | None = None
 
     def __post_init__(self) -> None:

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from diffusion.config import model_config
+from diffusion.config import TrainConfig, model_config
 from diffusion.edit_pairs import align_ecc, area_pixels, manipulate, random_area
 
 
@@ -193,3 +193,33 @@ def test_the_edit_stage_and_command_on_the_quick_demo(quick_demo, tmp_path):
     assert np.array_equal(a, b)  # deterministic for a seed
     before = np.asarray(Image.open(tmp_path / "a" / "before.png"))
     assert before.shape == a.shape == (16, 16, 3)
+
+
+def test_an_editing_model_fine_tuned_from_a_generator_starts_as_that_generator(tmp_path):
+    from diffusion.train import checkpoint_state, init_weights, new_training_state
+
+    base = TrainConfig(
+        db="db",
+        neighbours="nb",
+        output=str(tmp_path),
+        model=model_config("tiny", k=0, use_knn=False, cond_dim=8),
+    )
+    generator, ema, opt = new_training_state(base)
+    for p in ema.module.parameters():  # trained-looking weights, not the zero-initialised output layers
+        torch.nn.init.normal_(p, std=0.05)
+    torch.save(checkpoint_state(generator, ema, opt, 5, base), tmp_path / "state.pt")
+    editor_config = model_config("tiny", k=0, use_knn=False, edit=True, cond_dim=8)
+    from diffusion.unet import KnnUNet
+
+    editor = KnnUNet(editor_config)
+    init_weights(editor, str(tmp_path / "state.pt"))
+    x, t, q = torch.randn(2, 3, 16, 16), torch.tensor([3, 700]), torch.randn(2, 8)
+    with torch.no_grad():
+        expected = ema.module.eval()(x, t, q)
+        got = editor.eval()(x, t, q, source=torch.randn_like(x))
+    torch.testing.assert_close(got, expected)  # the source's new input channels start at zero
+    with pytest.raises(ValueError, match="same network"):
+        init_weights(
+            KnnUNet(model_config("tiny", k=0, use_knn=False, edit=True, cond_dim=8, widths=[8, 16])),
+            str(tmp_path / "state.pt"),
+        )

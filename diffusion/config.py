@@ -160,6 +160,18 @@ class ModelConfig:
             )
 
 
+# the small UNet in the latent space of the tokenizer preset (16 x 16 x 4 for 32 px): see PRESETS["small-latent"]
+_SMALL_LATENT: dict[str, Any] = dict(
+    image_size=32,
+    latent_factor=2,
+    latent_channels=4,
+    widths=[32, 64, 128],
+    width=256,
+    num_heads=4,
+    k=10,
+    query_drop_prob=0.3,
+)
+
 PRESETS: dict[str, dict[str, Any]] = {
     # for tests: a few thousand parameters' worth of everything
     "tiny": dict(image_size=16, widths=[16, 32], width=32, num_heads=2, k=4),
@@ -170,16 +182,7 @@ PRESETS: dict[str, dict[str, Any]] = {
     # the same in the latent space of the tokenizer preset below (16 x 16 x 4 for 32 px), the demo's. Measured on
     # the full demo's data, 200 s of training on 2 cores each: 148 samples/s and shape accuracy 0.55 (all four
     # attributes 0.43), where the pixel-space small preset reaches 0.31 (0.26) and 64/128 channels here 0.35
-    "small-latent": dict(
-        image_size=32,
-        latent_factor=2,
-        latent_channels=4,
-        widths=[32, 64, 128],
-        width=256,
-        num_heads=4,
-        k=10,
-        query_drop_prob=0.3,
-    ),
+    "small-latent": _SMALL_LATENT,
     # the tokenizer stage's autoencoder (diffusion/tokenizer.py): 32 px -> 16 x 16 x 4
     "tokenizer": dict(arch="autoencoder", image_size=32, widths=[32, 64], latent_channels=4),
     # its quantising variant for the discrete backbone: 16 x 16 tokens of a 240-code FSQ codebook
@@ -187,30 +190,10 @@ PRESETS: dict[str, dict[str, Any]] = {
         arch="autoencoder", image_size=32, widths=[32, 64], latent_channels=3, fsq_levels=[8, 6, 5]
     ),
     # the discrete backbone (VQ-Diffusion) over those tokens: the small-latent UNet predicting x_0 per token
-    "small-discrete": dict(
-        image_size=32,
-        latent_factor=2,
-        latent_channels=3,
-        backbone="discrete",
-        widths=[32, 64, 128],
-        width=256,
-        num_heads=4,
-        k=10,
-        query_drop_prob=0.3,
-    ),
+    "small-discrete": {**_SMALL_LATENT, "latent_channels": 3, "backbone": "discrete"},
     # the editing model (diffusion/edit.py): the small-latent UNet reading the source image's latents beside x_t,
     # conditioned on one embedding (a local area's in training, the edit text's at inference)
-    "small-edit": dict(
-        image_size=32,
-        latent_factor=2,
-        latent_channels=4,
-        widths=[32, 64, 128],
-        width=256,
-        num_heads=4,
-        k=0,
-        use_knn=False,
-        edit=True,
-    ),
+    "small-edit": {**_SMALL_LATENT, "k": 0, "use_knn": False, "query_drop_prob": 0.0, "edit": True},
     # the DiT at the small preset's scale (patch 4), for comparison
     "dit-small": dict(arch="dit", image_size=32, patch_size=4, width=192, depth=6, num_heads=6, k=10),
     # the paper's scale for GPU clusters: an ADM/GLIDE-sized UNet at 64 px

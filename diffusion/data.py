@@ -178,32 +178,27 @@ def make_dataset(config: TrainConfig, start_step: int = 0, items: list[dict[str,
     # unbounded pool starts a process per task at once, each importing torch, and the start-up crowd slowed the
     # demo's first 20 steps from 10 s to 45 s of every run (19 s per run measured, the same speed after).
     tasks = 2 * config.num_workers
+    fn, cpus = (
+        load_part,
+        0.1,
+    )  # decoding a part takes ~0.1 s: several may run ahead within the data CPU budget
+    kwargs: dict[str, Any] = {"image_size": config.model.image_size, "k": config.model.k}
     if config.model.edit:  # an editing model trains on pairs built from each image and its nearest neighbour
         from diffusion.edit_pairs import load_edit_part
 
-        return ds.map_batches(
-            load_edit_part,
-            batch_size=1,
-            fn_kwargs={
-                "db": os.path.abspath(config.db),
-                "image_size": config.model.image_size,
-                "clip_model": config.clip_model,
-                "area": tuple(config.edit_area),
-                "motion": config.edit_motion,
-                "seed": config.seed,
-                "hue": config.edit_hue,
-            },
-            num_cpus=0.5,  # a part's pairs take a CLIP pass and an ECC per image
-            compute=ray.data.TaskPoolStrategy(size=tasks),
-        )
-    return ds.map_batches(
-        load_part,
-        batch_size=1,
-        fn_kwargs={
-            "db": os.path.abspath(config.db),
+        fn, cpus = load_edit_part, 0.5  # a part's pairs take a CLIP pass and an ECC per image
+        kwargs = {
             "image_size": config.model.image_size,
-            "k": config.model.k,
-        },
-        num_cpus=0.1,  # decoding a part takes ~0.1 s: several may run ahead within the data CPU budget
+            "clip_model": config.clip_model,
+            "area": tuple(config.edit_area),
+            "motion": config.edit_motion,
+            "seed": config.seed,
+            "hue": config.edit_hue,
+        }
+    return ds.map_batches(
+        fn,
+        batch_size=1,
+        fn_kwargs={"db": os.path.abspath(config.db), **kwargs},
+        num_cpus=cpus,
         compute=ray.data.TaskPoolStrategy(size=tasks),
     )

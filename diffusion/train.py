@@ -164,14 +164,15 @@ def training_step(
     for group in opt.param_groups:
         group["lr"] = lr
     discrete = config.model.backbone == "discrete"
-    cond = condition_of(batch, config.model.use_knn)
+    autoencoder = config.model.arch == "autoencoder"  # reads images only
+    cond = {} if autoencoder else condition_of(batch, config.model.use_knn)
     if config.model.edit:  # the manipulated image, in the space x0 is in
         source = batch["source"].permute(0, 3, 1, 2).float() / 127.5 - 1
         cond["source"] = tokenizer.encode(source) if tokenizer is not None else source
     if tokenizer is not None:
         x0 = tokenizer.tokens(x0) if discrete else tokenizer.encode(x0)
     with torch.autocast(x0.device.type, dtype=amp) if amp else nullcontext():
-        if config.model.arch == "autoencoder":
+        if autoencoder:
             loss = autoencoder_loss(model, x0)
         elif discrete:
             from diffusion.discrete import MaskSchedule, discrete_diffusion_loss

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import re
@@ -30,6 +31,12 @@ STAGES = [
 
 def test_configs_demo_yaml_is_the_demo_default():
     assert load_config(os.path.join(REPO, "configs", "demo.yaml")) == PipelineConfig()
+
+
+def test_configs_demo_edit_yaml_is_the_demo_with_its_edit_stage():
+    config = load_config(os.path.join(REPO, "configs", "demo_edit.yaml"))
+    assert config.edit.steps > 0 and PipelineConfig().edit.steps == 0
+    assert dataclasses.replace(config, edit=PipelineConfig().edit) == PipelineConfig()
 
 
 def test_laion_config_switches_encoder_and_head_only():

@@ -33,7 +33,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--demo", required=True, help="a finished `knn-diffusion demo` output folder")
     p.add_argument("--output", default=None, help="default: <demo>/bench_edit")
-    p.add_argument("--steps", type=int, default=None, help="editing model steps (default: the demo's)")
+    p.add_argument("--steps", type=int, default=None, help="editing model steps (default: the demo's, else 150)")
     p.add_argument("--variants", nargs="*", default=list(VARIANTS), help=f"some of {list(VARIANTS)}")
     return p.parse_args(argv)
 
@@ -48,6 +48,7 @@ def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     config, heldout = read_finished(args.demo)
     e = config.edit
+    steps = args.steps or e.steps or 150  # the plain demo leaves its edit stage off (steps 0)
     out = os.path.abspath(args.output or os.path.join(args.demo, "bench_edit"))
     db = os.path.abspath(os.path.join(args.demo, "db", "main"))
     tokenizer = os.path.join(args.demo, "tokenizer", "tokenizer.pt")
@@ -65,7 +66,7 @@ def main(argv: list[str] | None = None) -> dict:
                 model=model,
                 exclude_parts=heldout,
                 tokenizer=tokenizer if model.latent_channels else None,
-                steps=args.steps or e.steps,
+                steps=steps,
                 batch_size_per_worker=e.batch_size_per_worker,
                 lr=e.lr,
                 warmup_steps=e.warmup_steps,
@@ -75,7 +76,7 @@ def main(argv: list[str] | None = None) -> dict:
                 init_from=os.path.join(args.demo, "run_noknn") if v["init"] == "no-knn" else None,
                 seed=e.seed,
                 log_every=20,
-                checkpoint_every=args.steps or e.steps,
+                checkpoint_every=steps,
             )
         )
         seconds = time.time() - tic

@@ -33,7 +33,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--demo", required=True, help="a finished `knn-diffusion demo` output folder")
     p.add_argument("--output", default=None, help="default: <demo>/bench_edit")
-    p.add_argument("--steps", type=int, default=None, help="editing model steps (default: the demo's, else 150)")
+    p.add_argument(
+        "--steps", type=int, default=None, help="editing model steps (default: the demo's, else 150)"
+    )
     p.add_argument("--variants", nargs="*", default=list(VARIANTS), help=f"some of {list(VARIANTS)}")
     return p.parse_args(argv)
 

@@ -12,6 +12,7 @@ Prints one row per variant: the asked colour right, background and its colour ke
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import sys
 import time
@@ -68,17 +69,8 @@ def main(argv: list[str] | None = None) -> dict:
                 model=model,
                 exclude_parts=heldout,
                 tokenizer=tokenizer if model.latent_channels else None,
-                steps=steps,
-                batch_size_per_worker=e.batch_size_per_worker,
-                lr=e.lr,
-                warmup_steps=e.warmup_steps,
-                edit_area=e.area,
-                edit_motion=e.motion,
-                edit_hue=v["hue"],
                 init_from=os.path.join(args.demo, "run_noknn") if v["init"] == "no-knn" else None,
-                seed=e.seed,
-                log_every=20,
-                checkpoint_every=steps,
+                **dataclasses.replace(e, steps=steps, hue=v["hue"]).train_fields(),
             )
         )
         seconds = time.time() - tic

@@ -82,26 +82,37 @@ def decode_image(data: bytes, size: int) -> np.ndarray:
     """Encoded image bytes -> [size, size, 3] uint8: centre-cropped to a square, resized (bicubic)."""
     from PIL import Image
 
-    image = Image.open(io.BytesIO(data)).convert("RGB")
-    w, h = image.size
-    s = min(w, h)  # centre crop to a square, then resize
-    image = image.crop(((w - s) // 2, (h - s) // 2, (w - s) // 2 + s, (h - s) // 2 + s))
+    image = centre_square(Image.open(io.BytesIO(data)).convert("RGB"))
     return np.asarray(image.resize((size, size), Image.BICUBIC), dtype=np.uint8)
+
+
+def centre_square(image: Any) -> Any:
+    """The centre square of a PIL image (decode_image's crop before it resizes)."""
+    w, h = image.size
+    s = min(w, h)
+    return image.crop(((w - s) // 2, (h - s) // 2, (w - s) // 2 + s, (h - s) // 2 + s))
+
+
+def shard_images(tar: str) -> dict[int, bytes]:
+    """{image id: encoded image} of one webdataset shard (its keys are the database's image ids)."""
+    from retrieval.storage import IMAGE_EXTENSIONS, tar_samples
+
+    images: dict[int, bytes] = {}
+    with fsspec.open(tar, "rb") as f:
+        for key, sample in tar_samples(f, tar):
+            ext = next((e for e in IMAGE_EXTENSIONS if e in sample), None)
+            if ext:
+                images[int(key)] = sample[ext]
+    return images
 
 
 def load_part(batch: dict[str, np.ndarray], db: str, image_size: int, k: int) -> dict[str, np.ndarray]:
     """Ray Data map_batches function (batch of one work item) -> the part's training rows."""
     from retrieval.database import read_neighbour_table
-    from retrieval.storage import IMAGE_EXTENSIONS, tar_samples
 
     item = {key: str(batch[key][0]) for key in ("tar", "emb", "meta", "neighbours")}
     epoch = int(batch["epoch"][0]) if "epoch" in batch else 0
-    images: dict[int, bytes] = {}
-    with fsspec.open(item["tar"], "rb") as f:
-        for key, sample in tar_samples(f, item["tar"]):
-            ext = next((e for e in IMAGE_EXTENSIONS if e in sample), None)
-            if ext:
-                images[int(key)] = sample[ext]
+    images = shard_images(item["tar"])
     ids = pq.read_table(item["meta"], columns=["image_id"])["image_id"].to_numpy()
     emb = np.load(item["emb"])
     if k == 0:  # the no-kNN model and the tokenizer read no neighbour table
@@ -178,10 +189,8 @@ def make_dataset(config: TrainConfig, start_step: int = 0, items: list[dict[str,
     # unbounded pool starts a process per task at once, each importing torch, and the start-up crowd slowed the
     # demo's first 20 steps from 10 s to 45 s of every run (19 s per run measured, the same speed after).
     tasks = 2 * config.num_workers
-    fn, cpus = (
-        load_part,
-        0.1,
-    )  # decoding a part takes ~0.1 s: several may run ahead within the data CPU budget
+    # decoding a part takes ~0.1 s: several may run ahead within the data CPU budget
+    fn, cpus = load_part, 0.1
     kwargs: dict[str, Any] = {"image_size": config.model.image_size, "k": config.model.k}
     if config.model.edit:  # an editing model trains on pairs built from each image and its nearest neighbour
         from diffusion.edit_pairs import load_edit_part

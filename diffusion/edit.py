@@ -72,7 +72,8 @@ def load_edit_model(checkpoint: str, device: str | None = None) -> tuple[torch.n
     if not config.model.edit:
         raise ValueError(
             f"--checkpoint {checkpoint} is a generator trained without editing (model edit: false); edit needs an "
-            "editing model: `knn-diffusion train --preset small-edit --tokenizer ...` or the pipeline's edit stage"
+            "editing model: `knn-diffusion train --config configs/edit.yaml --tokenizer ...` or the pipeline's edit "
+            "stage"
         )
     return model.to(device or default_device()), config
 

@@ -113,19 +113,11 @@ def rotate_hue(image: np.ndarray, degrees: float) -> np.ndarray:
 
 @functools.lru_cache(maxsize=16)
 def _tar_images(tar: str) -> dict[int, bytes]:
-    """{image id: encoded image} of one shard (its webdataset keys are the image ids), cached per process: a part's
-    neighbours live in other parts, whose shards every part's task would otherwise parse again."""
-    import fsspec
+    """diffusion.data.shard_images, cached per process: a part's neighbours live in other parts, whose shards
+    every part's task would otherwise parse again."""
+    from diffusion.data import shard_images
 
-    from retrieval.storage import IMAGE_EXTENSIONS, tar_samples
-
-    out: dict[int, bytes] = {}
-    with fsspec.open(tar, "rb") as f:
-        for key, sample in tar_samples(f, tar):
-            ext = next((e for e in IMAGE_EXTENSIONS if e in sample), None)
-            if ext:
-                out[int(key)] = sample[ext]
-    return out
+    return shard_images(tar)
 
 
 def _images(db: str, tar: str, ids: np.ndarray) -> dict[int, bytes]:
@@ -161,7 +153,7 @@ def load_edit_part(
     import torch
     from PIL import Image
 
-    from diffusion.data import decode_image
+    from diffusion.data import centre_square, decode_image
     from retrieval.clip_model import cached_encoder
     from retrieval.database import read_neighbour_table
 
@@ -195,7 +187,7 @@ def load_edit_part(
         box = random_area(rng, area)
         images.append(image)
         sources.append(manipulate(image, donor, box))
-        crops.append(encoder.preprocess(crop_box(_square(pil), box)))
+        crops.append(encoder.preprocess(crop_box(centre_square(pil), box)))
         aligned.append(ok)
     with torch.inference_mode():
         query = torch.cat(
@@ -208,10 +200,3 @@ def load_edit_part(
         "aligned": np.asarray(aligned, bool),
         "image_id": ids[order].astype(np.int64),
     }
-
-
-def _square(image: Any) -> Any:
-    """The centre square of a PIL image (what decode_image crops before resizing), so boxes match."""
-    w, h = image.size
-    s = min(w, h)
-    return image.crop(((w - s) // 2, (h - s) // 2, (w - s) // 2 + s, (h - s) // 2 + s))

@@ -85,9 +85,8 @@ def new_training_state(config: TrainConfig) -> tuple[Any, Any, torch.optim.Optim
 
     torch.manual_seed(config.seed)
     model = build_network(config.model, config.num_timesteps)
-    if (
-        config.init_from
-    ):  # fine-tuning: a trained network's weights start the run (a resumed run then loads its own)
+    # fine-tuning: a trained network's weights start the run (a resumed run then loads its own)
+    if config.init_from:
         init_weights(model, config.init_from)
     ema = ModelEmaV3(model, decay=config.ema_decay, use_warmup=True)  # short runs: the decay ramps up
     opt = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
@@ -252,13 +251,7 @@ def train_loop_per_worker(cfg: dict[str, Any]) -> None:
     amp = autocast_dtype(device, config.precision)
     tokenizer = worker_tokenizer(config, device)
     shard = ray.train.get_dataset_shard("train")
-    window: dict[str, float] = {
-        "loss": 0.0,
-        "n": 0,
-        "wait": 0.0,
-        "aligned": 0.0,
-        "start": time.perf_counter(),
-    }
+    window = new_window()
     while step < config.steps:  # the stream holds the epochs needed; it restarts only if a split ran short
         tic = time.perf_counter()
         for batch in shard.iter_torch_batches(
@@ -288,12 +281,17 @@ def train_loop_per_worker(cfg: dict[str, Any]) -> None:
                         ray.train.report(metrics, checkpoint=ckpt)
                 else:
                     ray.train.report(metrics)
-                window = {"loss": 0.0, "n": 0, "wait": 0.0, "aligned": 0.0, "start": time.perf_counter()}
+                window = new_window()
             if step >= config.steps:
                 break
             if hook is not None:
                 hook(step=step, rank=rank, world=world, config=config)
             tic = time.perf_counter()
+
+
+def new_window() -> dict[str, float]:
+    """A worker's sums since its last report (window_metrics turns them into one)."""
+    return {"loss": 0.0, "n": 0, "wait": 0.0, "aligned": 0.0, "start": time.perf_counter()}
 
 
 def window_metrics(

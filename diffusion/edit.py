@@ -4,9 +4,12 @@ The editing model (model edit: true, preset small-edit) is trained on diffusion/
 I_manip (an image with a random area replaced by its aligned nearest neighbour's) and the CLIP embedding of the
 original area, recover the image. At inference (Sheynin et al. 2023, sec. 3.3) the user's image takes I_manip's
 place and the CLIP text embedding of the edit text the area's: the model redraws what disagrees with the text
-and copies the rest. No mask is given; the heat map of |after - before| shows where it changed the image.
+and copies the rest. No mask is given. The model redraws the whole image, so by default (keep) the original is
+kept outside the area the edit itself changed most (keep_unchanged); the heat map of |after - before| shows where
+the image changed.
 
-`knn-diffusion edit` writes before.png, after.png, heatmap.png, edit.png (the three side by side) and edit.json;
+`knn-diffusion edit` writes before.png, after.png, heatmap.png, mask.png (where the edit was taken), edit.png (before,
+after and heat map side by side) and edit.json;
 evaluate_edits scores edits of held-out images with the evaluate stage's attribute classifier.
 """
 
@@ -21,6 +24,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from diffusion.config import EDIT_KEEP, EDIT_STRENGTH
 from retrieval.storage import json_bytes, write_atomic
 
 # (caption, rng) -> (edit text, {attribute: value the edit asks for}), or None when the caption cannot be edited
@@ -49,6 +53,8 @@ class EditConfig:
     output: str
     guidance: float = 3.0
     steps: int = 20
+    strength: float = EDIT_STRENGTH
+    keep: float = EDIT_KEEP
     sampler: str = "dpmpp_2m"
     seed: int = 0
     device: str | None = None
@@ -62,6 +68,10 @@ class EditConfig:
             raise ValueError("--text is empty: say what the edited part should show")
         if self.steps < 1 or self.guidance < 0:
             raise ValueError(f"--steps must be >= 1 and --guidance >= 0, got {self.steps}, {self.guidance}")
+        if not 0 < self.strength <= 1:
+            raise ValueError(f"--strength must be in (0, 1], got {self.strength}")
+        if not 0 <= self.keep < 1:
+            raise ValueError(f"--keep must be in [0, 1) (0: keep nothing of the original), got {self.keep}")
 
 
 def load_edit_model(checkpoint: str, device: str | None = None) -> tuple[torch.nn.Module, Any]:
@@ -88,10 +98,13 @@ def edit_images(
     sampler: str = "dpmpp_2m",
     seed: int = 0,
     batch_size: int = 64,
+    strength: float = EDIT_STRENGTH,
+    keep: float = 0.0,
 ) -> np.ndarray:
     """Edited images [N, S, S, 3] uint8 of images [N, S, S, 3] uint8 (the model's size) and edit text
-    embeddings [N, D]: sampled from noise with the image (its latents, for a latent model) as the source and
-    classifier-free guidance on the text embedding."""
+    embeddings [N, D]: sampled with the image (its latents, for a latent model) as the source and
+    classifier-free guidance on the text embedding, from noise (strength 1) or from the source noised to
+    strength * T (below 1: SDEdit's start, which keeps more of the image). keep > 0: then keep_unchanged."""
     from diffusion.sample import generate
 
     size = config.model.image_size
@@ -107,7 +120,38 @@ def edit_images(
         tokenizer = load_tokenizer(config.tokenizer).to(device)
         x = torch.cat([tokenizer.encode(x[i : i + batch_size]) for i in range(0, len(x), batch_size)])
     cond = {"query": torch.from_numpy(np.ascontiguousarray(text_emb, np.float32)), "source": x.cpu()}
-    return generate(model, config, cond, sampler, steps, guidance, seed, batch_size)
+    after = generate(
+        model, config, cond, sampler, steps, guidance, seed, batch_size, init=x.cpu(), strength=strength
+    )
+    return keep_unchanged(images, after, keep)[0] if keep > 0 else after
+
+
+def keep_unchanged(
+    before: np.ndarray, after: np.ndarray, keep: float = EDIT_KEEP
+) -> tuple[np.ndarray, np.ndarray]:
+    """(images, masks): each edit composited over its original, with the mask [N, S, S] float32 in [0, 1] of where
+    the edit is taken. The mask is found from the edit alone, with no user mask (in the spirit of DiffEdit,
+    Couairon et al. 2022, which infers it from the model's predictions): the pixels whose mean absolute change
+    (smoothed 3x3) exceeds `keep` times the image's largest change (and 8 grey levels: an edit that changed
+    nothing by more keeps the original), holes closed, grown by one pixel and feathered. The model redraws the
+    whole image, so its background drifts (patterns, shades); this keeps the original wherever the edit did not
+    really change it. keep 0: the edits unchanged, mask all ones."""
+    import cv2
+
+    if keep <= 0:
+        return after, np.ones(after.shape[:3], np.float32)
+    out, masks = np.empty_like(after), np.empty(after.shape[:3], np.float32)
+    kernel = np.ones((3, 3), np.uint8)
+    for i, (b, a) in enumerate(zip(before, after, strict=True)):
+        change = cv2.GaussianBlur(np.abs(a.astype(np.float32) - b.astype(np.float32)).mean(-1), (3, 3), 0)
+        hard = change > max(keep * change.max(), 8.0)
+        hard = cv2.dilate(cv2.morphologyEx(hard.astype(np.uint8), cv2.MORPH_CLOSE, kernel), kernel).astype(
+            np.float32
+        )
+        masks[i] = np.maximum(hard, cv2.GaussianBlur(hard, (3, 3), 0))  # 1 inside, a soft edge outside
+        m = masks[i][..., None]
+        out[i] = (m * a + (1 - m) * b).round().astype(np.uint8)
+    return out, masks
 
 
 def heat_map(before: np.ndarray, after: np.ndarray) -> np.ndarray:
@@ -153,10 +197,13 @@ def edit(config: EditConfig) -> dict[str, Any]:
         config.steps,
         config.sampler,
         config.seed,
-    )[0]
+        strength=config.strength,
+    )
+    after, mask = (x[0] for x in keep_unchanged(before[None], after, config.keep))
     heat = heat_map(before, after)
     os.makedirs(config.output, exist_ok=True)
-    for name, image in (("before", before), ("after", after), ("heatmap", heat)):
+    grey = np.repeat((mask * 255).round().astype(np.uint8)[..., None], 3, -1)
+    for name, image in (("before", before), ("after", after), ("heatmap", heat), ("mask", grey)):
         save_png(image, os.path.join(config.output, f"{name}.png"))
     save_png(side_by_side([[before, after, heat]]), os.path.join(config.output, "edit.png"))
     changed = float((np.abs(after.astype(np.int16) - before).mean(-1) > 32).mean())
@@ -166,6 +213,9 @@ def edit(config: EditConfig) -> dict[str, Any]:
         "checkpoint": os.path.abspath(config.checkpoint),
         "guidance": config.guidance,
         "steps": config.steps,
+        "strength": config.strength,
+        "keep": config.keep,
+        "edited_area": float(mask.mean()),
         "sampler": config.sampler,
         "seed": config.seed,
         "changed_fraction": changed,
@@ -201,6 +251,8 @@ def evaluate_edits(
     sampler: str = "dpmpp_2m",
     seed: int = 0,
     show: int = 8,
+    strength: float = EDIT_STRENGTH,
+    keep: float = EDIT_KEEP,
 ) -> dict[str, Any]:
     """Edit held-out images by spec.make's texts and judge them with the attribute classifier: the share whose
     edited attributes came out as asked, the share whose other attributes were kept, and the PSNR outside the
@@ -234,7 +286,9 @@ def evaluate_edits(
     texts = [t for _, t, _ in trials]
     text_emb = cached_encoder(config.clip_model).encode_texts(texts).numpy()
     tic = time.time()
-    after = edit_images(model, config, before, text_emb, guidance, steps, sampler, seed)
+    after = edit_images(
+        model, config, before, text_emb, guidance, steps, sampler, seed, strength=strength, keep=keep
+    )
     per_edit = (time.time() - tic) / len(trials)
     pred_after, pred_before = net.predict(after), net.predict(before)
     asked, kept = [], {a: [] for a in vocabulary}
@@ -255,6 +309,8 @@ def evaluate_edits(
         "psnr_outside_db": float(np.mean(finite)) if finite else float("nan"),
         "guidance": guidance,
         "steps": steps,
+        "strength": strength,
+        "keep": keep,
         "sampler": sampler,
         "seconds_per_edit": per_edit,
         "examples": [{"caption": captions[i], "text": t} for i, t, _ in trials[:show]],

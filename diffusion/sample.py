@@ -162,13 +162,16 @@ def generate(
     batch_size: int = 64,
     noise: torch.Tensor | None = None,
     truncation: float = 1.0,
+    init: torch.Tensor | None = None,
+    strength: float = 1.0,
 ) -> np.ndarray:
     """One image per condition row, [N, H, W, 3] uint8, in batches of batch_size; deterministic for a seed
     (each batch's noise is drawn from one seeded generator, in order), or starting from the given x_T noise
     [N, C, H, W] (C, H, W: noise_shape(config); the service draws each request's from its own seed). Runs on the
     model's device. A latent model's samples are decoded by its tokenizer. The discrete backbone samples
     ancestrally whatever the sampler (diffusion.discrete.sample_tokens, with truncation r), from all-[MASK]
-    (noise is not used), and decodes the tokens."""
+    (noise is not used), and decodes the tokens. init [N, C, H, W] and strength < 1: image-to-image (SDEdit,
+    Meng et al. 2022): start from init noised to timestep strength * (T-1) instead of from pure noise."""
     from diffusion.precond import EpsDenoiser
     from diffusion.samplers import SAMPLERS, CFGDenoiser
     from diffusion.schedule import alphas_cumprod, sampling_timesteps
@@ -178,7 +181,8 @@ def generate(
     device = next(model.parameters()).device
     abar = alphas_cumprod(config.schedule, config.num_timesteps).to(device)
     eps_model = EpsDenoiser(model, abar, config.prediction).eval()
-    timesteps = sampling_timesteps(config.num_timesteps, steps)
+    timesteps = sampling_timesteps(config.num_timesteps, steps, strength if init is not None else 1.0)
+    a0 = abar[timesteps[0]].cpu()
     decode = None
     if config.tokenizer:
         from diffusion.tokenizer import load_tokenizer
@@ -193,6 +197,8 @@ def generate(
         x = (noise[lo : lo + batch_size] if noise is not None else torch.randn(shape, generator=gen)).to(
             device
         )
+        if init is not None and strength < 1:
+            x = (a0.sqrt() * init[lo : lo + batch_size] + (1 - a0).sqrt() * x.cpu()).to(device)
         with torch.inference_mode():
             out.append(
                 to_uint8(

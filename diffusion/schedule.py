@@ -48,9 +48,13 @@ def q_sample(
     return abar.sqrt() * x0 + (1 - abar).sqrt() * noise
 
 
-def sampling_timesteps(num_timesteps: int, steps: int) -> list[int]:
-    """`steps` timesteps evenly spaced from T-1 down to 0 (all T when steps >= T)."""
+def sampling_timesteps(num_timesteps: int, steps: int, strength: float = 1.0) -> list[int]:
+    """`steps` timesteps evenly spaced from T-1 down to 0 (all T when steps >= T); with strength < 1 from
+    round(strength * (T-1)) down (image-to-image: the first step denoises a partly noised image)."""
     if steps < 1:
         raise ValueError(f"--steps must be >= 1, got {steps}")
-    steps = min(steps, num_timesteps)
-    return sorted({round(x) for x in torch.linspace(num_timesteps - 1, 0, steps).tolist()}, reverse=True)
+    if not 0 < strength <= 1:
+        raise ValueError(f"--strength must be in (0, 1], got {strength}")
+    first = round(strength * (num_timesteps - 1))
+    steps = min(steps, first + 1)
+    return sorted({round(x) for x in torch.linspace(first, 0, steps).tolist()}, reverse=True)

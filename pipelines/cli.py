@@ -151,6 +151,7 @@ def config_from_args(config_cls: type, args: argparse.Namespace) -> Any:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from diffusion.config import EDIT_KEEP, EDIT_STRENGTH
     from pipelines.download import DownloadConfig
     from pipelines.embed import EmbedConfig
     from pipelines.index import IndexConfig
@@ -259,7 +260,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ray-address", default=None, help=ray_help)
     desc = (
         "edit an image by a text, with no mask: an editing model (train --config configs/edit.yaml) redraws the "
-        "part the text talks about -> before.png, after.png, heatmap.png, edit.png, edit.json"
+        "part the text talks about -> before.png, after.png, heatmap.png, mask.png, edit.png, edit.json"
     )
     p = sub.add_parser("edit", help=desc, description=desc)
     p.add_argument("--checkpoint", required=True, help="an editing model's run folder or state.pt")
@@ -272,6 +273,20 @@ def build_parser() -> argparse.ArgumentParser:
         "--guidance", type=float, default=3.0, help="classifier-free guidance on the text (default: 3)"
     )
     p.add_argument("--steps", type=int, default=20, help="sampling steps (default: 20)")
+    p.add_argument(
+        "--strength",
+        type=float,
+        default=EDIT_STRENGTH,
+        help="where sampling starts: 1 from pure noise, below 1 from the image noised that far (SDEdit): keeps "
+        f"more of it, changes less (default: {EDIT_STRENGTH})",
+    )
+    p.add_argument(
+        "--keep",
+        type=float,
+        default=EDIT_KEEP,
+        help="keep the original outside the area the edit changed: the pixels whose change exceeds this fraction "
+        f"of the largest; 0 takes the model's whole image (default: {EDIT_KEEP})",
+    )
     p.add_argument("--sampler", default="dpmpp_2m", help="ddim, ddpm or dpmpp_2m (default: dpmpp_2m)")
     p.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
     p.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda when there is a GPU)")
@@ -562,7 +577,19 @@ def sample_command(args: argparse.Namespace) -> None:
 def edit_command(args: argparse.Namespace) -> None:
     from diffusion.edit import EditConfig, edit
 
-    names = ("checkpoint", "image", "text", "output", "guidance", "steps", "sampler", "seed", "device")
+    names = (
+        "checkpoint",
+        "image",
+        "text",
+        "output",
+        "guidance",
+        "steps",
+        "strength",
+        "keep",
+        "sampler",
+        "seed",
+        "device",
+    )
     edit(EditConfig(**{k: getattr(args, k) for k in names}))
 
 

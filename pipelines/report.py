@@ -184,8 +184,10 @@ def _edit_section(add: Any, out: str, edits: dict[str, Any]) -> None:
     asked = ", ".join(record["asked_attributes"])
     add(
         f"<table><caption>{record['num_trials']} edits of held-out images, {record['steps']} "
-        f"{html.escape(record['sampler'])} steps, guidance {record['guidance']}: the edit text is the image's caption "
-        "with another shape colour; the attribute classifier reads the result.</caption>"
+        f"{html.escape(record['sampler'])} steps, guidance {record['guidance']}, "
+        f"strength {record.get('strength', 1.0)}, keep {record.get('keep', 0.0)}: "
+        "the edit text is the image's caption with another shape colour; "
+        "the attribute classifier reads the result.</caption>"
         f"<tr><th>asked ({html.escape(asked)}) right</th>"
         + "".join(f"<th>{html.escape(a.replace('_', ' '))} kept</th>" for a in record["kept"])
         + "<th>PSNR outside the shape [dB]</th><th>s / edit</th></tr><tr>"

@@ -223,3 +223,57 @@ def test_an_editing_model_fine_tuned_from_a_generator_starts_as_that_generator(t
             KnnUNet(model_config("tiny", k=0, use_knn=False, edit=True, cond_dim=8, widths=[8, 16])),
             str(tmp_path / "state.pt"),
         )
+
+
+def test_strength_starts_sampling_from_the_noised_image():
+    from diffusion.edit import EditConfig, edit_images
+    from diffusion.schedule import sampling_timesteps
+    from diffusion.unet import KnnUNet
+
+    assert sampling_timesteps(1000, 20)[0] == 999
+    steps = sampling_timesteps(1000, 20, strength=0.5)
+    assert steps[0] == 500 and steps[-1] == 0 and len(steps) == 20 and steps == sorted(steps, reverse=True)
+    assert sampling_timesteps(1000, 20, strength=1 / 999) == [1, 0]  # never more steps than timesteps
+    with pytest.raises(ValueError, match="strength"):
+        sampling_timesteps(1000, 20, strength=0)
+    with pytest.raises(ValueError, match="--strength"):
+        EditConfig(checkpoint="c", image="i", text="a red star", output="o", strength=1.5)
+
+    config = TrainConfig(
+        db="db",
+        neighbours="nb",
+        output="o",
+        model=model_config("tiny", k=0, use_knn=False, edit=True, cond_dim=8),
+    )
+    net = KnnUNet(config.model).eval()
+    for p in net.parameters():  # an untrained network that does not output zeros
+        torch.nn.init.normal_(p, std=0.05)
+    images = np.stack([demo_image(16), demo_image(16)[::-1]])
+    text = np.random.default_rng(0).normal(size=(2, 8)).astype(np.float32)
+    # from the image at timestep 1 the network's prediction can barely move it; from noise it redraws it
+    kept = edit_images(net, config, images, text, guidance=3.0, steps=1, strength=1 / 999)
+    redrawn = edit_images(net, config, images, text, guidance=3.0, steps=4, strength=1.0)
+    assert np.abs(kept.astype(int) - images).mean() < 1.5 and np.abs(kept.astype(int) - images).max() <= 8
+    assert np.abs(redrawn.astype(int) - images).mean() > 20
+
+
+def test_keep_takes_the_edit_where_it_changed_the_image_and_the_original_elsewhere():
+    from diffusion.edit import keep_unchanged
+
+    rng = np.random.default_rng(0)
+    before = np.stack([demo_image(32), demo_image(32)])
+    drift = rng.integers(-6, 7, size=before.shape)  # the redrawn background: small changes everywhere
+    after = np.clip(before.astype(int) + drift, 0, 255).astype(np.uint8)
+    after[0, 10:20, 12:22] = (255 - before[0, 10:20, 12:22].astype(int)).astype(np.uint8)  # the edit proper
+    kept, masks = keep_unchanged(before, after, keep=0.4)
+    inside, box = np.zeros((32, 32), bool), np.zeros((32, 32), bool)
+    inside[11:19, 13:21] = True  # the block's interior
+    box[7:23, 9:25] = True  # the block grown by the blur, the dilation and the feathered edge
+    assert np.array_equal(kept[0][inside], after[0][inside]) and (masks[0][inside] == 1).all()
+    assert np.array_equal(kept[0][~box], before[0][~box]) and (masks[0][~box] == 0).all()
+    # an edit that changed nothing by more than a few grey levels keeps the original whole
+    assert np.array_equal(kept[1], before[1]) and (masks[1] == 0).all()
+    same, ones = keep_unchanged(before, after, keep=0.0)
+    assert np.array_equal(same, after) and (ones == 1).all()
+    unchanged, _ = keep_unchanged(before, before.copy(), keep=0.4)
+    assert np.array_equal(unchanged, before)

@@ -40,7 +40,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--demo", required=True, help="a finished `knn-diffusion demo` output folder")
     p.add_argument("--output", default=None, help="default: <demo>/bench_edit")
     p.add_argument(
-        "--steps", type=int, default=None, help="editing model steps (default: the demo's, else 100)"
+        "--steps", type=int, default=None, help="editing model steps (default: the demo's, else 150)"
     )
     p.add_argument("--variants", nargs="*", default=list(VARIANTS), help=f"some of {list(VARIANTS)}")
     p.add_argument(
@@ -73,7 +73,7 @@ def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     config, heldout = read_finished(args.demo)
     e = config.edit
-    steps = args.steps or e.steps or 100  # a demo run with edit.steps 0 left its edit stage off
+    steps = args.steps or e.steps or 150  # the plain demo leaves its edit stage off (steps 0); demo_edit.yaml: 150
     out = os.path.abspath(args.output or os.path.join(args.demo, "bench_edit"))
     db = os.path.abspath(os.path.join(args.demo, "db", "main"))
     tokenizer = os.path.join(args.demo, "tokenizer", "tokenizer.pt")

@@ -349,9 +349,9 @@ class EditSettings:
     preset: str = "small-edit"
     model: dict[str, Any] = dataclasses.field(default_factory=dict)
     init: str = "no-knn"
-    # 0 turns the stage off. 80: the stage takes ~90 s of the full demo's 15 minutes (150 steps took 134 s and
-    # two whole demos 14 min 56 s and 15 min 26 s); 60-150 steps score alike (above)
-    steps: int = 80
+    # 0 turns the stage off, as in the full demo: with it (80 steps, 93 s) whole demos took 14 min 2 s and, on a
+    # slower run, 15 min 50 s, past the 15-minute budget; configs/demo_edit.yaml turns it on (150 steps)
+    steps: int = 0
     batch_size_per_worker: int = 64
     lr: float = 2e-3
     warmup_steps: int = 20

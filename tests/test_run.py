@@ -33,11 +33,10 @@ def test_configs_demo_yaml_is_the_demo_default():
     assert load_config(os.path.join(REPO, "configs", "demo.yaml")) == PipelineConfig()
 
 
-def test_the_demo_runs_the_edit_stage_and_steps_0_turns_it_off(tmp_path):
-    assert PipelineConfig().edit.steps > 0
-    (tmp_path / "off.yaml").write_text("edit:\n  steps: 0\n")
-    off = load_config(str(tmp_path / "off.yaml"))
-    assert off.edit.steps == 0 and dataclasses.replace(off, edit=PipelineConfig().edit) == PipelineConfig()
+def test_configs_demo_edit_yaml_is_the_demo_with_its_edit_stage():
+    config = load_config(os.path.join(REPO, "configs", "demo_edit.yaml"))
+    assert config.edit.steps > 0 and PipelineConfig().edit.steps == 0
+    assert dataclasses.replace(config, edit=PipelineConfig().edit) == PipelineConfig()
 
 
 def test_laion_config_switches_encoder_and_head_only():

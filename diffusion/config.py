@@ -13,11 +13,11 @@ from typing import Any
 
 import yaml
 
-# Editing defaults (diffusion/edit.py), measured on four whole demos' editing models, 128 edits each (README):
+# Editing defaults (diffusion/edit.py), measured on five whole demos' editing models, 128 edits each (README):
 # strength: sampling starts from the source noised to this fraction of the schedule (1: from pure noise; 0.95
 # kept the background a little more often and got the asked colour right less often);
 # keep: outside the area the edit changed (pixels whose change exceeds this fraction of the largest, grown by a
-# pixel) the original is kept: background kept 0.83-0.97 -> 0.90-0.98, asked colour 0.75-0.80 -> 0.71-0.79.
+# pixel) the original is kept: background kept 0.83-0.97 -> 0.90-0.99, asked colour 0.74-0.80 -> 0.70-0.79.
 EDIT_STRENGTH = 1.0
 EDIT_KEEP = 0.4
 

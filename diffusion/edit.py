@@ -99,12 +99,12 @@ def edit_images(
     seed: int = 0,
     batch_size: int = 64,
     strength: float = EDIT_STRENGTH,
-    keep: float = 0.0,
 ) -> np.ndarray:
     """Edited images [N, S, S, 3] uint8 of images [N, S, S, 3] uint8 (the model's size) and edit text
     embeddings [N, D]: sampled with the image (its latents, for a latent model) as the source and
     classifier-free guidance on the text embedding, from noise (strength 1) or from the source noised to
-    strength * T (below 1: SDEdit's start, which keeps more of the image). keep > 0: then keep_unchanged."""
+    strength * T (below 1: SDEdit's start, which keeps more of the image). The model's whole images: callers
+    keep the original outside the changed area with keep_unchanged."""
     from diffusion.sample import generate
 
     size = config.model.image_size
@@ -120,10 +120,9 @@ def edit_images(
         tokenizer = load_tokenizer(config.tokenizer).to(device)
         x = torch.cat([tokenizer.encode(x[i : i + batch_size]) for i in range(0, len(x), batch_size)])
     cond = {"query": torch.from_numpy(np.ascontiguousarray(text_emb, np.float32)), "source": x.cpu()}
-    after = generate(
+    return generate(
         model, config, cond, sampler, steps, guidance, seed, batch_size, init=x.cpu(), strength=strength
     )
-    return keep_unchanged(images, after, keep)[0] if keep > 0 else after
 
 
 def keep_unchanged(
@@ -286,9 +285,8 @@ def evaluate_edits(
     texts = [t for _, t, _ in trials]
     text_emb = cached_encoder(config.clip_model).encode_texts(texts).numpy()
     tic = time.time()
-    after = edit_images(
-        model, config, before, text_emb, guidance, steps, sampler, seed, strength=strength, keep=keep
-    )
+    edited = edit_images(model, config, before, text_emb, guidance, steps, sampler, seed, strength=strength)
+    after = keep_unchanged(before, edited, keep)[0]
     per_edit = (time.time() - tic) / len(trials)
     pred_after, pred_before = net.predict(after), net.predict(before)
     asked, kept = [], {a: [] for a in vocabulary}

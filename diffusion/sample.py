@@ -182,7 +182,7 @@ def generate(
     abar = alphas_cumprod(config.schedule, config.num_timesteps).to(device)
     eps_model = EpsDenoiser(model, abar, config.prediction).eval()
     timesteps = sampling_timesteps(config.num_timesteps, steps, strength if init is not None else 1.0)
-    a0 = abar[timesteps[0]].cpu()
+    a0 = abar[timesteps[0]]  # where an image-to-image start is noised to
     decode = None
     if config.tokenizer:
         from diffusion.tokenizer import load_tokenizer
@@ -198,7 +198,7 @@ def generate(
             device
         )
         if init is not None and strength < 1:
-            x = (a0.sqrt() * init[lo : lo + batch_size] + (1 - a0).sqrt() * x.cpu()).to(device)
+            x = a0.sqrt() * init[lo : lo + batch_size].to(device) + (1 - a0).sqrt() * x
         with torch.inference_mode():
             out.append(
                 to_uint8(

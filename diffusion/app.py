@@ -199,7 +199,7 @@ class GenerationService:
     def generate_many(self, requests: list[GenerateRequest]) -> list[dict[str, Any]]:
         """Each request's result, running requests with the same settings as one batch (requests are checked by
         validate() before they join a batch)."""
-        from diffusion.sample import generate, noise_shape, retrieval_condition
+        from diffusion.sample import generate, retrieval_condition
 
         groups: dict[tuple, list[int]] = {}
         for i, r in enumerate(requests):
@@ -219,14 +219,8 @@ class GenerationService:
                         cond["valid"][row, r.k :] = False
             counts = [r.num_images for r in batch]
             cond = {part: v.repeat_interleave(torch.tensor(counts), dim=0) for part, v in cond.items()}
-            shape = noise_shape(self.config)
-            noise = torch.cat(
-                [
-                    torch.randn((r.num_images, *shape), generator=torch.Generator().manual_seed(r.seed))
-                    for r in batch
-                ]
-            )
-            images = generate(self.model, self.config, cond, sampler, steps, guidance, noise=noise)
+            seeds = [(r.seed, r.num_images) for r in batch]
+            images = generate(self.model, self.config, cond, sampler, steps, guidance, request_seeds=seeds)
             seconds = time.time() - start
             offsets = np.cumsum([0, *counts])
             for row, (i, r) in enumerate(zip(members, batch, strict=True)):

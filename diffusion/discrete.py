@@ -31,6 +31,7 @@ import torch
 import torch.nn.functional as F
 
 from diffusion.config import ModelConfig
+from diffusion.samplers import CFGDenoiser, Generator, draw
 
 NEG = -1e30  # log 0, finite so that 0 * log 0 terms stay nan-free
 
@@ -120,9 +121,9 @@ def one_hot_log(tokens: torch.Tensor, classes: int) -> torch.Tensor:
     return _log(F.one_hot(tokens, classes).permute(0, 2, 1).float())
 
 
-def sample_log(log_p: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+def sample_log(log_p: torch.Tensor, generator: Generator | None = None) -> torch.Tensor:
     """One draw per position from log-probabilities [B, C, N] (Gumbel-max) -> [B, N]."""
-    u = torch.rand(log_p.shape, generator=generator, device=log_p.device).clamp_(1e-20, 1.0)
+    u = draw(torch.rand, log_p.shape, generator, log_p.device).clamp_(1e-20, 1.0)
     return (log_p - torch.log(-torch.log(u))).argmax(dim=1)
 
 
@@ -259,14 +260,12 @@ def sample_tokens(
     steps: int,
     guidance: float,
     truncation: float = 1.0,
-    generator: torch.Generator | None = None,
+    generator: Generator | None = None,
 ) -> torch.Tensor:
     """Ancestral sampling from all-[MASK] over `steps` evenly spaced steps of T (fewer than T skip steps through
     the posterior's s -> t form), classifier-free guidance on the x_0 log-probabilities (the continuous
     CFGDenoiser, whose w (cond - null) + null on log-probabilities is Tang et al.'s rule before renormalising),
     then truncation r -> tokens [B, N]."""
-    from diffusion.samplers import CFGDenoiser
-
     b = len(cond["query"])
     device = cond["query"].device
     times = torch.linspace(schedule.num_timesteps, 0, steps + 1).round().long().unique_consecutive().tolist()

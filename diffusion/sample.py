@@ -13,13 +13,17 @@ import io
 import json
 import os
 import time
-from typing import Any
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 
 from diffusion.config import TrainConfig
 from retrieval.storage import image_bytes, json_bytes, write_atomic
+
+if TYPE_CHECKING:
+    from diffusion.samplers import Generator
 
 
 @dataclasses.dataclass
@@ -160,25 +164,30 @@ def generate(
     guidance: float = 3.0,
     seed: int = 0,
     batch_size: int = 64,
-    noise: torch.Tensor | None = None,
+    request_seeds: Sequence[tuple[int, int]] | None = None,
     truncation: float = 1.0,
     init: torch.Tensor | None = None,
     strength: float = 1.0,
 ) -> np.ndarray:
     """One image per condition row, [N, H, W, 3] uint8, in batches of batch_size; deterministic for a seed
-    (each batch's noise is drawn from one seeded generator, in order), or starting from the given x_T noise
-    [N, C, H, W] (C, H, W: noise_shape(config); the service draws each request's from its own seed). Runs on the
-    model's device. A latent model's samples are decoded by its tokenizer. The discrete backbone samples
-    ancestrally whatever the sampler (diffusion.discrete.sample_tokens, with truncation r), from all-[MASK]
-    (noise is not used), and decodes the tokens. init [N, C, H, W] and strength < 1: image-to-image (SDEdit,
-    Meng et al. 2022): start from init noised to timestep strength * (T-1) instead of from pure noise."""
+    (each batch's noise is drawn from one seeded generator, in order). request_seeds, (seed, rows) per request in
+    row order, runs all rows as one batch with each request's noise (x_T and every step's) from its own seed
+    (samplers.RequestNoise), as the service needs. Runs on the model's device. A latent model's samples are
+    decoded by its tokenizer. The discrete backbone samples ancestrally whatever the sampler
+    (diffusion.discrete.sample_tokens, with truncation r) from all-[MASK], and decodes the tokens. init
+    [N, C, H, W] and strength < 1: image-to-image (SDEdit, Meng et al. 2022): start from init noised to timestep
+    strength * (T-1) instead of from pure noise."""
     from diffusion.precond import EpsDenoiser
-    from diffusion.samplers import SAMPLERS, CFGDenoiser
+    from diffusion.samplers import SAMPLERS, CFGDenoiser, RequestNoise, draw
     from diffusion.schedule import alphas_cumprod, sampling_timesteps
 
-    if config.model.backbone == "discrete":
-        return _generate_tokens(model, config, cond, steps, guidance, seed, batch_size, truncation)
     device = next(model.parameters()).device
+    discrete = config.model.backbone == "discrete"  # its many draws stay on the model's device
+    gen: Generator = torch.Generator(device=device if discrete else "cpu").manual_seed(seed)
+    if request_seeds is not None:
+        gen, batch_size = RequestNoise(request_seeds), len(cond["query"])
+    if discrete:
+        return _generate_tokens(model, config, cond, steps, guidance, gen, batch_size, truncation)
     abar = alphas_cumprod(config.schedule, config.num_timesteps).to(device)
     eps_model = EpsDenoiser(model, abar, config.prediction).eval()
     timesteps = sampling_timesteps(config.num_timesteps, steps, strength if init is not None else 1.0)
@@ -188,15 +197,11 @@ def generate(
         from diffusion.tokenizer import load_tokenizer
 
         decode = load_tokenizer(config.tokenizer).to(device).decode
-    gen = torch.Generator().manual_seed(seed)
     n = len(cond["query"])
     out = []
     for lo in range(0, n, batch_size):
         part = {k: v[lo : lo + batch_size].to(device) for k, v in cond.items()}
-        shape = (len(part["query"]), *noise_shape(config))
-        x = (noise[lo : lo + batch_size] if noise is not None else torch.randn(shape, generator=gen)).to(
-            device
-        )
+        x = draw(torch.randn, (len(part["query"]), *noise_shape(config)), gen, device)
         if init is not None and strength < 1:
             x = a0.sqrt() * init[lo : lo + batch_size].to(device) + (1 - a0).sqrt() * x
         with torch.inference_mode():
@@ -204,7 +209,12 @@ def generate(
                 to_uint8(
                     (decode or (lambda z: z))(
                         SAMPLERS[sampler](
-                            CFGDenoiser(eps_model, part, guidance), x, timesteps, abar, generator=gen
+                            CFGDenoiser(eps_model, part, guidance),
+                            x,
+                            timesteps,
+                            abar,
+                            generator=gen,
+                            clip_x0=decode is None,  # pixels lie in [-1, 1]; unit-scale latents do not
                         )
                     )
                 )
@@ -218,7 +228,7 @@ def _generate_tokens(
     cond: dict[str, torch.Tensor],
     steps: int,
     guidance: float,
-    seed: int,
+    gen: Generator,
     batch_size: int,
     truncation: float,
 ) -> np.ndarray:
@@ -229,7 +239,6 @@ def _generate_tokens(
     device = next(model.parameters()).device
     tokenizer = load_tokenizer(config.tokenizer).to(device)
     schedule = MaskSchedule(mc.codebook_size, config.num_timesteps)
-    gen = torch.Generator(device=device).manual_seed(seed)
     out = []
     for lo in range(0, len(cond["query"]), batch_size):
         part = {k: v[lo : lo + batch_size].to(device) for k, v in cond.items()}

@@ -3,7 +3,7 @@
 All share one signature: sample_*(denoiser, x, timesteps, alphas_cumprod, generator=None, callback=None),
 where timesteps run from high to low (schedule.sampling_timesteps). The samplers know nothing of conditions or
 guidance: CFGDenoiser wraps the network once (k-diffusion's CFGDenoiser pattern) and every sampler calls it.
-The predicted x0 is clipped to [-1, 1] (pixel range) unless clip_x0=False.
+The predicted x0 is clipped to [-1, 1] (pixel range) unless clip_x0=False (latents: their range is not bounded).
 """
 
 from __future__ import annotations
@@ -60,8 +60,39 @@ def _x0_and_eps(
     return x0, eps
 
 
-def _noise(x: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
-    return torch.randn(x.shape, generator=generator, dtype=torch.float32).to(x.device)
+class RequestNoise:
+    """A generator for a batch made of several requests' rows: each request's rows are drawn from a CPU generator
+    seeded with its own seed, so a request's images depend on its seed alone, not on what it was batched with
+    (the service batches concurrent requests). groups: (seed, rows) per request, in the batch's row order. Pass
+    it where a sampler takes a torch.Generator."""
+
+    def __init__(self, groups: Sequence[tuple[int, int]]) -> None:
+        self.groups = [(torch.Generator().manual_seed(seed), rows) for seed, rows in groups]
+        self.rows = sum(rows for _, rows in self.groups)
+
+    def draw(self, fn: Callable[..., torch.Tensor], shape: Sequence[int]) -> torch.Tensor:
+        """fn (torch.rand or torch.randn) of shape [rows, ...], each request's rows from its own generator."""
+        if shape[0] != self.rows:
+            raise ValueError(f"a batch of {shape[0]} rows, but the requests' seeds cover {self.rows}")
+        return torch.cat([fn((n, *shape[1:]), generator=g) for g, n in self.groups])
+
+
+Generator = torch.Generator | RequestNoise
+
+
+def draw(
+    fn: Callable[..., torch.Tensor], shape: Sequence[int], generator: Generator | None, device
+) -> torch.Tensor:
+    """fn (torch.rand / torch.randn) of shape on device, from a torch.Generator (on any device) or RequestNoise."""
+    if isinstance(generator, RequestNoise):
+        return generator.draw(fn, shape).to(device)
+    if generator is not None and generator.device.type != "cpu":
+        return fn(shape, generator=generator, device=generator.device).to(device)
+    return fn(shape, generator=generator).to(device)
+
+
+def _noise(x: torch.Tensor, generator: Generator | None) -> torch.Tensor:
+    return draw(torch.randn, x.shape, generator, x.device)
 
 
 @torch.no_grad()
@@ -70,7 +101,7 @@ def sample_ddim(
     x: torch.Tensor,
     timesteps: Sequence[int],
     alphas_cumprod: torch.Tensor,
-    generator: torch.Generator | None = None,
+    generator: Generator | None = None,
     callback: Callback | None = None,
     eta: float = 0.0,
     clip_x0: bool = True,
@@ -101,7 +132,7 @@ def sample_ddpm(
     x: torch.Tensor,
     timesteps: Sequence[int],
     alphas_cumprod: torch.Tensor,
-    generator: torch.Generator | None = None,
+    generator: Generator | None = None,
     callback: Callback | None = None,
     clip_x0: bool = True,
 ) -> torch.Tensor:
@@ -133,7 +164,7 @@ def sample_dpmpp_2m(
     x: torch.Tensor,
     timesteps: Sequence[int],
     alphas_cumprod: torch.Tensor,
-    generator: torch.Generator | None = None,
+    generator: Generator | None = None,
     callback: Callback | None = None,
     clip_x0: bool = True,
 ) -> torch.Tensor:

@@ -11,7 +11,7 @@ from diffusion.config import ModelConfig, load_yaml, model_config
 from diffusion.loss import diffusion_loss
 from diffusion.model import build_network
 from diffusion.precond import EpsDenoiser, eps_from_output, prediction_target
-from diffusion.samplers import CFGDenoiser, sample_ddim, sample_ddpm, sample_dpmpp_2m
+from diffusion.samplers import CFGDenoiser, RequestNoise, sample_ddim, sample_ddpm, sample_dpmpp_2m
 from diffusion.schedule import cosine_alphas_cumprod, q_sample, sampling_timesteps
 
 T = 100
@@ -149,6 +149,27 @@ def test_samplers_are_deterministic_with_a_seed():
             runs.append(sampler(CFGDenoiser(model, cond, 2.0), x, steps, abar, generator=g))
         torch.testing.assert_close(runs[0], runs[1], atol=0, rtol=0)
         assert runs[0].abs().max() <= 1.0 + 1e-5  # ends at the (clipped) data prediction
+
+
+def test_a_requests_ancestral_samples_depend_on_its_seed_not_on_its_batch():
+    """The service batches requests: with RequestNoise, request A's rows (x_T and every DDPM step's noise) are the
+    same alone and batched behind B; one shared generator would hand A another part of its stream."""
+    model, abar = tiny(), cosine_alphas_cumprod(T)
+    steps = sampling_timesteps(T, 5)
+
+    a, b = cond_of(2), cond_of(1, seed=2)
+
+    def run(groups: list[tuple[int, int]], cond: dict[str, torch.Tensor]) -> torch.Tensor:
+        gen = RequestNoise(groups)
+        x = gen.draw(torch.randn, (gen.rows, 3, 16, 16))
+        return sample_ddpm(CFGDenoiser(model, cond, 2.0), x, steps, abar, generator=gen)
+
+    alone = run([(7, 2)], a)
+    batched = run([(3, 1), (7, 2)], {k: torch.cat([b[k], a[k]]) for k in a})
+    torch.testing.assert_close(batched[1:], alone, atol=1e-5, rtol=0)
+    assert (run([(8, 2)], a) - alone).abs().mean() > 0.05
+    with pytest.raises(ValueError, match="cover 3"):
+        RequestNoise([(1, 1), (2, 2)]).draw(torch.rand, (4, 2))
 
 
 def test_ddim_with_eta_one_over_all_steps_is_ddpm():

@@ -185,3 +185,25 @@ def test_discrete_sampling_is_deterministic_for_a_seed():
     first = run(0)
     assert torch.equal(first, run(0)) and not torch.equal(first, run(1))
     assert first.max() < 6  # no [MASK] left after the last step
+
+
+def test_a_requests_token_samples_depend_on_its_seed_not_on_its_batch():
+    """The service's batches: with RequestNoise, request A's token grids are the same alone and batched behind B."""
+    from diffusion.discrete import sample_tokens
+    from diffusion.samplers import RequestNoise
+
+    model, _ = _tiny_discrete()
+    schedule = MaskSchedule(num_codes=6, num_timesteps=20)
+    g = torch.Generator().manual_seed(0)
+    a = {"query": torch.randn(2, 8, generator=g), "neighbours": torch.randn(2, 2, 8, generator=g)}
+    b = {"query": torch.randn(1, 8, generator=g), "neighbours": torch.randn(1, 2, 8, generator=g)}
+    for c in (a, b):
+        c["valid"] = torch.ones(len(c["query"]), 2, dtype=torch.bool)
+
+    def run(groups: list[tuple[int, int]], cond: dict[str, torch.Tensor]) -> torch.Tensor:
+        return sample_tokens(model.eval(), cond, schedule, 64, 5, 2.0, 1.0, RequestNoise(groups))
+
+    alone = run([(7, 2)], a)
+    batched = run([(3, 1), (7, 2)], {k: torch.cat([b[k], a[k]]) for k in a})
+    assert torch.equal(batched[1:], alone)
+    assert (run([(8, 2)], a) != alone).float().mean() > 0.2

@@ -236,7 +236,7 @@ def test_int8_database_agrees_with_fp32(db, shards, tiny_clip, tmp_path):
     cos = np.sum(img8 * img, axis=1)
     assert cos.min() > 0.999 and not np.allclose(img8, img, atol=1e-6)  # close, and really the int8 tower
     text_cos = np.sum(text8 * text, axis=1)  # captions run on the int8 text tower too
-    assert text_cos.min() > 0.999 and not np.allclose(text8, text, atol=1e-6)
+    assert text_cos.min() > 0.998 and not np.allclose(text8, text, atol=1e-6)
 
 
 @pytest.mark.parametrize("fmt", ["png", "webp", "jpg"])

@@ -51,7 +51,7 @@ class GenerateRequest(BaseModel):
     steps: int = Field(20, ge=1, le=MAX_STEPS)
     guidance: float = Field(3.0, ge=0.0, le=20.0)
     seed: int = Field(0, ge=0, le=2**31 - 1)
-    sampler: Literal["ddim", "dpmpp_2m", "ddpm"] = "dpmpp_2m"
+    sampler: Literal["ddim", "dpmpp_2m", "dpmpp_2m_sde", "ddpm"] = "dpmpp_2m_sde"
 
 
 @dataclasses.dataclass

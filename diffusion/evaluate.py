@@ -63,7 +63,7 @@ class EvaluateConfig:
     eval_clip_model: str | None = None
     inception_weights: str | None = None
     num_prompts: int = 250
-    sampler: str = "dpmpp_2m"
+    sampler: str = "dpmpp_2m_sde"
     steps: int = 20
     guidance: float = 3.0
     seed: int = 0

@@ -41,8 +41,8 @@ class SampleConfig:
     catalogue: str | None = None
     k: int | None = None
     guidance: float = 3.0
-    steps: int = 50
-    sampler: str = "ddim"
+    steps: int = 20
+    sampler: str = "dpmpp_2m_sde"
     seed: int = 0
     num_per_prompt: int = 4
     use_ema: bool = True

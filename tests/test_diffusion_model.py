@@ -11,7 +11,14 @@ from diffusion.config import ModelConfig, load_yaml, model_config
 from diffusion.loss import diffusion_loss
 from diffusion.model import build_network
 from diffusion.precond import EpsDenoiser, eps_from_output, prediction_target
-from diffusion.samplers import CFGDenoiser, RequestNoise, sample_ddim, sample_ddpm, sample_dpmpp_2m
+from diffusion.samplers import (
+    CFGDenoiser,
+    RequestNoise,
+    sample_ddim,
+    sample_ddpm,
+    sample_dpmpp_2m,
+    sample_dpmpp_2m_sde,
+)
 from diffusion.schedule import cosine_alphas_cumprod, q_sample, sampling_timesteps
 
 T = 100
@@ -141,7 +148,7 @@ def test_guidance_one_is_conditional_and_zero_unconditional():
 def test_samplers_are_deterministic_with_a_seed():
     model, cond, abar = tiny(), cond_of(2), cosine_alphas_cumprod(T)
     steps = sampling_timesteps(T, 10)
-    for sampler in (sample_ddpm, sample_ddim, sample_dpmpp_2m):
+    for sampler in (sample_ddpm, sample_ddim, sample_dpmpp_2m, sample_dpmpp_2m_sde):
         runs = []
         for _ in range(2):
             g = torch.Generator().manual_seed(5)
@@ -254,6 +261,40 @@ def test_samplers_match_closed_forms_on_gaussian_data():
     assert all(1.6 < a / b < 2.4 for a, b in itertools.pairwise(ddim)), ddim  # error halves per doubling
     assert all(a / b > 3.5 for a, b in itertools.pairwise(dpm)), dpm  # error quarters (or better)
     assert dpm[-1] < 0.01 and dpm[-1] < ddim[-1] / 5
+
+
+def test_sde_dpm_solver_steps_like_ddpm_first_and_samples_the_data_distribution():
+    """SDE-DPM-Solver++(2M): its first-order step is DDPM's posterior step (same noise draws), and with the exact
+    denoiser of Gaussian data its 20 steps carry x_T ~ N(sqrt(abar_T) mu, v_T) onto N(mu, s^2)."""
+    abar = cosine_alphas_cumprod(T)
+    data = GaussianData(abar)
+    x = torch.randn(1000, generator=torch.Generator().manual_seed(0))
+    one, two = (
+        sampler(data, x, [60, 30], abar, generator=torch.Generator().manual_seed(1), clip_x0=False)
+        for sampler in (sample_ddpm, sample_dpmpp_2m_sde)
+    )
+    torch.testing.assert_close(one, two, atol=1e-5, rtol=0)
+    a_t = abar[T - 1].double()
+    x_t = a_t.sqrt() * data.mu + (a_t * data.s**2 + 1 - a_t).sqrt() * torch.randn(
+        200_000, generator=torch.Generator().manual_seed(2), dtype=torch.float64
+    )
+    out = sample_dpmpp_2m_sde(
+        data, x_t.float(), sampling_timesteps(T, 20), abar, torch.Generator().manual_seed(3), clip_x0=False
+    ).double()
+    assert abs(out.mean().item() - data.mu) < 0.01 and abs(out.std().item() - data.s) < 0.02, (
+        out.mean().item(),
+        out.std().item(),
+    )
+    # and it is not the ODE sampler: the same start lands elsewhere for another noise seed
+    other = sample_dpmpp_2m_sde(
+        data,
+        x_t[:1000].float(),
+        sampling_timesteps(T, 20),
+        abar,
+        torch.Generator().manual_seed(4),
+        clip_x0=False,
+    )
+    assert (other.double() - out[:1000]).abs().mean() > 0.05
 
 
 def test_ddpm_matches_the_variance_recursion_of_its_gaussian_posterior():

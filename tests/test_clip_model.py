@@ -53,6 +53,7 @@ def test_encoder_outputs_unit_vectors(tiny_clip):
     assert torch.allclose(emb.norm(dim=-1), torch.ones(2), atol=1e-4)
 
 
+@pytest.mark.slow
 def test_int8_towers_agree_with_fp32_and_are_cached(tiny_clip, tmp_path, monkeypatch):
     import onnx
 

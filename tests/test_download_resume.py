@@ -10,10 +10,12 @@ import sys
 import time
 
 import pandas as pd
+import pytest
 
 from tests.test_download import read_status, tar_keys
 
 
+@pytest.mark.slow
 def test_kill_midway_then_rerun_is_exact(ray_session, image_server, tmp_path):
     n = 120
     pd.DataFrame({"url": [image_server.image_url(i, delay=0.15) for i in range(n)]}).to_parquet(

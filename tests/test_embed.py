@@ -91,6 +91,7 @@ def test_pieces_of_a_killed_run_are_not_merged_into_the_rerun(db, shards, tiny_c
     assert not (out / "_pieces" / "00001").exists()
 
 
+@pytest.mark.slow
 def test_matches_clip_retrieval_inference(db, shards, tiny_clip, tmp_path):
     """Same shards, same checkpoint: per-image cosine with clip-retrieval's embeddings >= 0.999."""
     from bench.peers import run_clip_retrieval_inference
@@ -218,6 +219,7 @@ def test_rerun_with_another_model_is_refused(db, shards):
         )
 
 
+@pytest.mark.slow
 def test_int8_database_agrees_with_fp32(db, shards, tiny_clip, tmp_path):
     out, _ = db
     img, text, meta = load_db(out)

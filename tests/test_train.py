@@ -50,6 +50,7 @@ def state_of(run: str) -> dict:
         return torch.load(f, map_location="cpu", weights_only=True)
 
 
+@pytest.mark.slow
 def test_two_workers_train_in_lockstep(train_db, tmp_path):
     out = str(tmp_path / "run")
     result = train(config_for(train_db, out, num_workers=2))
@@ -65,6 +66,7 @@ def test_two_workers_train_in_lockstep(train_db, tmp_path):
     assert not torch.equal(state["model"]["out.0.weight"], torch.zeros_like(state["model"]["out.0.weight"]))
 
 
+@pytest.mark.slow
 def test_rerun_resumes_with_optimizer_state_and_step_count(train_db, tmp_path):
     out = str(tmp_path / "run")
     train(config_for(train_db, out, steps=3))
@@ -81,6 +83,7 @@ def test_rerun_resumes_with_optimizer_state_and_step_count(train_db, tmp_path):
         train(config_for(train_db, out, lr=1.0))
 
 
+@pytest.mark.slow
 def test_a_killed_worker_is_survived(train_db, tmp_path):
     """A worker SIGKILLed at step 5 (after the step-3 checkpoint): the group restarts from step 3 and finishes."""
     out = str(tmp_path / "run")
@@ -206,6 +209,7 @@ def test_one_run_streams_several_epochs_with_rows_reshuffled(train_db, ray_sessi
     assert sorted(first) == sorted(second) and not np.array_equal(first, second)  # rows reshuffled
 
 
+@pytest.mark.slow
 def test_run_folder_given_as_a_uri_checkpoints_and_resumes(train_db, tmp_path):
     """--output as a URI goes through fsspec and Ray Train's storage (file:// here; s3:// etc. the same way)."""
     uri = f"file://{tmp_path}/uri_run"
@@ -482,6 +486,7 @@ def test_tokenizer_stage_exports_and_a_latent_generator_trains_and_samples_throu
         use_tokenizer(wrong)
 
 
+@pytest.mark.slow
 def test_discrete_backbone_trains_on_fsq_tokens_resumes_and_samples_deterministically(train_db, tmp_path):
     from diffusion.sample import generate, load_model, retrieval_condition
     from diffusion.tokenizer import tokenizer_config, train_tokenizer

@@ -170,30 +170,7 @@ def sample_dpmpp_2m(
 ) -> torch.Tensor:
     """DPM-Solver++(2M) (Lu et al. 2022, "DPM-Solver++", Algorithm 2), data prediction, multistep second
     order with lambda = log(alpha / sigma); first order on the first step. Deterministic."""
-    x = x.double()
-    abars = alphas_cumprod.double()
-    steps = list(timesteps)
-    x0_prev, h_prev = None, None
-    for i, t in enumerate(steps):
-        prev = steps[i + 1] if i + 1 < len(steps) else -1
-        a, a_next = _abar(abars, t), _abar(abars, prev)
-        x0, _ = _x0_and_eps(x, denoiser(x.float(), t).double(), a, clip_x0)
-        if prev < 0:  # into abar = 1 (lambda = inf): the update reduces to the data prediction itself
-            x = x0
-        else:
-            lam, lam_next = 0.5 * torch.log(a / (1 - a)), 0.5 * torch.log(a_next / (1 - a_next))
-            h = lam_next - lam
-            d = x0
-            if x0_prev is not None and h_prev is not None:
-                r = h_prev / h
-                d = (1 + 1 / (2 * r)) * x0 - (1 / (2 * r)) * x0_prev
-            sigma, sigma_next = (1 - a).sqrt(), (1 - a_next).sqrt()
-            x = (sigma_next / sigma) * x - a_next.sqrt() * torch.expm1(-h) * d
-            h_prev = h
-        x0_prev = x0
-        if callback is not None:
-            callback(t, x.float(), x0.float())
-    return x.float()
+    return _dpmpp_2m(denoiser, x, timesteps, alphas_cumprod, generator, callback, clip_x0, sde=False)
 
 
 @torch.no_grad()
@@ -213,6 +190,19 @@ def sample_dpmpp_2m_sde(
     extrapolating x0 across it overshoots; on Gaussian data at T = 100, 20 steps, the output's standard deviation
     was 15% too large with it, 2% without). Stochastic: its first-order step is DDPM's posterior step, so it keeps
     ancestral sampling's error correction at DPM-Solver++'s step counts."""
+    return _dpmpp_2m(denoiser, x, timesteps, alphas_cumprod, generator, callback, clip_x0, sde=True)
+
+
+def _dpmpp_2m(
+    denoiser: Denoiser,
+    x: torch.Tensor,
+    timesteps: Sequence[int],
+    alphas_cumprod: torch.Tensor,
+    generator: Generator | None,
+    callback: Callback | None,
+    clip_x0: bool,
+    sde: bool,
+) -> torch.Tensor:
     x = x.double()
     abars = alphas_cumprod.double()
     steps = list(timesteps)
@@ -221,21 +211,24 @@ def sample_dpmpp_2m_sde(
         prev = steps[i + 1] if i + 1 < len(steps) else -1
         a, a_next = _abar(abars, t), _abar(abars, prev)
         x0, _ = _x0_and_eps(x, denoiser(x.float(), t).double(), a, clip_x0)
-        if prev < 0:
+        if prev < 0:  # into abar = 1 (lambda = inf): the update reduces to the data prediction itself
             x = x0
         else:
             lam, lam_next = 0.5 * torch.log(a / (1 - a)), 0.5 * torch.log(a_next / (1 - a_next))
             h = lam_next - lam
             d = x0
-            if x0_prev is not None and h_prev is not None and i + 2 < len(steps):
+            if x0_prev is not None and h_prev is not None and not (sde and i + 2 == len(steps)):
                 r = h_prev / h
                 d = (1 + 1 / (2 * r)) * x0 - (1 / (2 * r)) * x0_prev
             sigma, sigma_next = (1 - a).sqrt(), (1 - a_next).sqrt()
-            x = (
-                (sigma_next / sigma) * torch.exp(-h) * x
-                - a_next.sqrt() * torch.expm1(-2 * h) * d
-                + sigma_next * (-torch.expm1(-2 * h)).sqrt() * _noise(x, generator).double()
-            )
+            if sde:
+                x = (
+                    (sigma_next / sigma) * torch.exp(-h) * x
+                    - a_next.sqrt() * torch.expm1(-2 * h) * d
+                    + sigma_next * (-torch.expm1(-2 * h)).sqrt() * _noise(x, generator).double()
+                )
+            else:
+                x = (sigma_next / sigma) * x - a_next.sqrt() * torch.expm1(-h) * d
             h_prev = h
         x0_prev = x0
         if callback is not None:

@@ -188,8 +188,8 @@ def sample_dpmpp_2m_sde(
     h = lambda_next - lambda and D the same multistep estimate as sample_dpmpp_2m, first order on the first step
     and on the step into the last timestep (DPM-Solver's lower_order_final: that step's h is the largest, and
     extrapolating x0 across it overshoots; on Gaussian data at T = 100, 20 steps, a second-order step there left
-    the output's standard deviation 15% too large, a first-order one 2%). Stochastic: its first-order step is DDPM's posterior step, so it keeps
-    ancestral sampling's error correction at DPM-Solver++'s step counts."""
+    the output's standard deviation 15% too large, a first-order one 2%). Stochastic: its first-order step is
+    DDPM's posterior step, so it keeps ancestral sampling's error correction at DPM-Solver++'s step counts."""
     return _dpmpp_2m(denoiser, x, timesteps, alphas_cumprod, generator, callback, clip_x0, sde=True)
 
 

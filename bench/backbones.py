@@ -29,7 +29,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--steps", type=int, default=None, help="generator steps (default: the demo's)")
     p.add_argument("--tokenizer-steps", type=int, default=None, help="default: the demo tokenizer's")
     p.add_argument("--num-prompts", type=int, default=None, help="default: the demo's evaluate.num_prompts")
-    p.add_argument("--truncation", type=float, default=1.0, help="the discrete sampler's truncation r")
+    p.add_argument(
+        "--truncation", type=float, default=None, help="the discrete sampler's truncation r (default: 0.9)"
+    )
     return p.parse_args(argv)
 
 

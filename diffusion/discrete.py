@@ -34,6 +34,10 @@ from diffusion.config import ModelConfig
 from diffusion.samplers import CFGDenoiser, Generator, draw
 
 NEG = -1e30  # log 0, finite so that 0 * log 0 terms stay nan-free
+# The sampler's default truncation r. Measured on a whole demo's discrete kNN generator (400 steps of 64, 240 FSQ
+# codes), 120 held-out captions, 20 steps, guidance 3: "all attributes" 0.27 with r = 1 (none), 0.36 at 0.9, 0.33 at
+# 0.85, 0.35 at 0.8; Fréchet distance 0.078 -> 0.063 (README, "Discrete backbone").
+TRUNCATION = 0.9
 
 
 @dataclasses.dataclass(frozen=True)
@@ -259,7 +263,7 @@ def sample_tokens(
     num_tokens: int,
     steps: int,
     guidance: float,
-    truncation: float = 1.0,
+    truncation: float = TRUNCATION,
     generator: Generator | None = None,
 ) -> torch.Tensor:
     """Ancestral sampling from all-[MASK] over `steps` evenly spaced steps of T (fewer than T skip steps through

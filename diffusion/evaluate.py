@@ -52,7 +52,7 @@ class EvaluateConfig:
     missing and an AttributeSpec is given. eval_clip_model: the CLIP for features and CLIP score (clip-retrieval
     name; default: the database's own). inception_weights: a local Inception-v3 weights file for real FID.
     num_prompts: at most this many held-out captions. sampler, steps, guidance, seed: as `sample`; truncation:
-    the discrete backbone's r (diffusion.discrete.truncate; 1: none).
+    the discrete backbone's r (diffusion.discrete.truncate; None: discrete.TRUNCATION; 1: none).
     """
 
     checkpoints: dict[str, str]
@@ -68,7 +68,7 @@ class EvaluateConfig:
     guidance: float = 3.0
     seed: int = 0
     batch_size: int = 64
-    truncation: float = 1.0
+    truncation: float | None = None
     classifier_epochs: int = 16
 
     def __post_init__(self) -> None:
@@ -82,6 +82,8 @@ class EvaluateConfig:
             )
         if self.sampler not in SAMPLERS:
             raise ValueError(f"--sampler must be one of {sorted(SAMPLERS)}, got {self.sampler!r}")
+        if self.truncation is not None and not 0 < self.truncation <= 1:
+            raise ValueError(f"--truncation must be in (0, 1], got {self.truncation}")
         if self.num_prompts < 2:
             raise ValueError(
                 f"--num-prompts must be >= 2 (Fréchet distance needs two samples), got {self.num_prompts}"
@@ -311,6 +313,7 @@ def evaluate(config: EvaluateConfig, attributes: AttributeSpec | None = None) ->
         "steps": config.steps,
         "guidance": config.guidance,
         "seed": config.seed,
+        "truncation": config.truncation,  # the discrete backbone's (None: diffusion.discrete.TRUNCATION)
         "real_clip_score": float(real_clip.compute()),
         "classifier": classifier_meta,
         "models": results,

@@ -29,7 +29,8 @@ if TYPE_CHECKING:
 @dataclasses.dataclass
 class SampleConfig:
     """checkpoint: a run folder (latest checkpoint used) or a state.pt. database: folder or catalogue name.
-    prompts: the prompts; prompt_file: one prompt per line (added to prompts).
+    prompts: the prompts; prompt_file: one prompt per line (added to prompts). truncation: the discrete
+    backbone's r (diffusion.discrete.truncate; None: discrete.TRUNCATION; 1: none).
     """
 
     checkpoint: str
@@ -48,12 +49,15 @@ class SampleConfig:
     use_ema: bool = True
     device: str | None = None
     batch_size: int = 64
+    truncation: float | None = None
 
     def __post_init__(self) -> None:
         from diffusion.samplers import SAMPLERS
 
         if self.sampler not in SAMPLERS:
             raise ValueError(f"--sampler must be one of {sorted(SAMPLERS)}, got {self.sampler!r}")
+        if self.truncation is not None and not 0 < self.truncation <= 1:
+            raise ValueError(f"--truncation must be in (0, 1], got {self.truncation}")
         if self.num_per_prompt < 1:
             raise ValueError(f"--num-per-prompt must be >= 1, got {self.num_per_prompt}")
         if self.batch_size < 1:
@@ -165,7 +169,7 @@ def generate(
     seed: int = 0,
     batch_size: int = 64,
     request_seeds: Sequence[tuple[int, int]] | None = None,
-    truncation: float = 1.0,
+    truncation: float | None = None,
     init: torch.Tensor | None = None,
     strength: float = 1.0,
 ) -> np.ndarray:
@@ -174,7 +178,8 @@ def generate(
     row order, runs all rows as one batch with each request's noise (x_T and every step's) from its own seed
     (samplers.RequestNoise), as the service needs. Runs on the model's device. A latent model's samples are
     decoded by its tokenizer. The discrete backbone samples ancestrally whatever the sampler
-    (diffusion.discrete.sample_tokens, with truncation r) from all-[MASK], and decodes the tokens. init
+    (diffusion.discrete.sample_tokens, with truncation r; None: discrete.TRUNCATION) from all-[MASK], and decodes
+    the tokens. init
     [N, C, H, W] and strength < 1: image-to-image (SDEdit, Meng et al. 2022): start from init noised to timestep
     strength * (T-1) instead of from pure noise."""
     from diffusion.precond import EpsDenoiser
@@ -187,7 +192,10 @@ def generate(
     if request_seeds is not None:
         gen, batch_size = RequestNoise(request_seeds), len(cond["query"])
     if discrete:
-        return _generate_tokens(model, config, cond, steps, guidance, gen, batch_size, truncation)
+        from diffusion.discrete import TRUNCATION
+
+        r = TRUNCATION if truncation is None else truncation
+        return _generate_tokens(model, config, cond, steps, guidance, gen, batch_size, r)
     abar = alphas_cumprod(config.schedule, config.num_timesteps).to(device)
     eps_model = EpsDenoiser(model, abar, config.prediction).eval()
     timesteps = sampling_timesteps(config.num_timesteps, steps, strength if init is not None else 1.0)
@@ -315,6 +323,7 @@ def sample(config: SampleConfig) -> dict[str, Any]:
         config.guidance,
         config.seed,
         config.batch_size,
+        truncation=config.truncation,
     )
     timesteps = sampling_timesteps(train_config.num_timesteps, config.steps)
     os.makedirs(config.output, exist_ok=True)

@@ -85,6 +85,9 @@ HELP: dict[str, str] = {
     "duplicate_threshold": "skip neighbours at cosine >= this as near-duplicates of the image",
     "store_embeddings": "also store the neighbours' embeddings (float16) inline, so training needs no lookups",
     "search_params": "faiss search parameters, e.g. nprobe=64 or efSearch=128; default: autofaiss's tuned ones",
+    # sample / evaluate
+    "truncation": "the discrete backbone's truncation r: keep the likeliest codes up to this cumulative "
+    "probability (1: none; default: 0.9)",
 }
 
 # Where a field means something else in one stage.
@@ -315,6 +318,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
     p.add_argument("--num-per-prompt", type=int, default=4, help="images per prompt (default: 4)")
+    p.add_argument("--truncation", type=float, default=None, help=HELP["truncation"])
     p.add_argument("--ema", action=argparse.BooleanOptionalAction, default=True, help="use the EMA weights")
     p.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda when there is a GPU)")
     p.add_argument(
@@ -365,6 +369,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, default=20, help="sampling steps (default: 20)")
     p.add_argument("--guidance", type=float, default=3.0, help="classifier-free guidance scale (default: 3)")
     p.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
+    p.add_argument("--truncation", type=float, default=None, help=HELP["truncation"])
     p = sub.add_parser(
         "serve", help="serve a database with clip-retrieval back", description="serve a database over HTTP"
     )
@@ -489,6 +494,7 @@ def evaluate_command(args: argparse.Namespace) -> None:
         steps=args.steps,
         guidance=args.guidance,
         seed=args.seed,
+        truncation=args.truncation,
     )
     evaluate(config, attributes=attributes)
 
@@ -580,7 +586,7 @@ def sample_command(args: argparse.Namespace) -> None:
         "k",
         "guidance",
     )
-    names += ("steps", "sampler", "seed", "num_per_prompt", "device", "batch_size")
+    names += ("steps", "sampler", "seed", "num_per_prompt", "device", "batch_size", "truncation")
     sample(SampleConfig(**{k: getattr(args, k) for k in names}, use_ema=args.ema))
 
 

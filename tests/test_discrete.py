@@ -207,3 +207,35 @@ def test_a_requests_token_samples_depend_on_its_seed_not_on_its_batch():
     batched = run([(3, 1), (7, 2)], {k: torch.cat([b[k], a[k]]) for k in a})
     assert torch.equal(batched[1:], alone)
     assert (run([(8, 2)], a) != alone).float().mean() > 0.2
+
+
+def test_sampling_truncates_by_default_and_r_one_turns_it_off():
+    from diffusion.discrete import TRUNCATION, sample_tokens
+    from diffusion.evaluate import EvaluateConfig
+    from diffusion.sample import SampleConfig
+
+    model, _ = _tiny_discrete()
+    g = torch.Generator().manual_seed(0)
+    for (
+        p
+    ) in model.parameters():  # an untrained network predicts nearly uniform codes, which r = 0.9 all keeps
+        p.data += 0.3 * torch.randn(p.shape, generator=g)
+    schedule = MaskSchedule(num_codes=6, num_timesteps=20)
+    cond = {"query": torch.randn(4, 8, generator=g), "neighbours": torch.randn(4, 2, 8, generator=g)}
+    cond["valid"] = torch.ones(4, 2, dtype=torch.bool)
+
+    def run(**r: float) -> torch.Tensor:
+        return sample_tokens(
+            model.eval(), cond, schedule, 64, 5, 2.0, generator=torch.Generator().manual_seed(0), **r
+        )
+
+    default = run()
+    assert 0 < TRUNCATION < 1 and torch.equal(default, run(truncation=TRUNCATION))
+    assert not torch.equal(default, run(truncation=1.0))
+    for bad in (0.0, 1.5):
+        with pytest.raises(ValueError, match="--truncation"):
+            SampleConfig(checkpoint="run", database="db", output="out", truncation=bad)
+        with pytest.raises(ValueError, match="--truncation"):
+            EvaluateConfig(
+                checkpoints={"a": "run"}, database="db", heldout_parts=["00000"], output="o", truncation=bad
+            )

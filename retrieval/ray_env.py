@@ -9,6 +9,16 @@ import ray
 
 log = logging.getLogger(__name__)
 
+# Ray Train's controller polls its workers every RAY_TRAIN_HEALTH_CHECK_INTERVAL_S (2 s by default) and notices a
+# finished run only at its next poll: a run took 3-5 s from its last step to fit() returning, 1-2 s at 0.5 s
+# (measured on 2 cores; the demo trains three to four times). A value the user set wins.
+JOB_ENV_VARS = {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.5"}
+
+
+def job_runtime_env() -> dict:
+    """The runtime_env every job of ours starts Ray with: JOB_ENV_VARS where the user has not set them."""
+    return {"env_vars": {k: os.environ.get(k, v) for k, v in JOB_ENV_VARS.items()}}
+
 
 def init_ray(address: str | None = None) -> None:
     """Connect to Ray at `address` ("auto", "ray://host:10001", "host:6379"), or start a local Ray if None.
@@ -21,10 +31,16 @@ def init_ray(address: str | None = None) -> None:
         address = os.environ["RAY_ADDRESS"]
     if address is None:
         log.info("starting a local Ray")
-        ray.init(address="local", include_dashboard=False, configure_logging=False, log_to_driver=True)
+        ray.init(
+            address="local",
+            include_dashboard=False,
+            configure_logging=False,
+            log_to_driver=True,
+            runtime_env=job_runtime_env(),
+        )
     else:
         log.info("connecting to Ray at %s", address)
-        ray.init(address=address, configure_logging=False)
+        ray.init(address=address, configure_logging=False, runtime_env=job_runtime_env())
 
 
 def node_cpus() -> list[int]:

@@ -30,8 +30,10 @@ def ray_session():
     """One local Ray for the whole test session (starting Ray costs seconds)."""
     import ray
 
+    from retrieval.ray_env import job_runtime_env
+
     if not ray.is_initialized():
-        ray.init(num_cpus=4, include_dashboard=False, configure_logging=False)
+        ray.init(num_cpus=4, include_dashboard=False, configure_logging=False, runtime_env=job_runtime_env())
     yield ray
     ray.shutdown()
 

@@ -525,3 +525,18 @@ def test_discrete_backbone_trains_on_fsq_tokens_resumes_and_samples_deterministi
     first = generate(net, config, cond, steps=5, guidance=2.0, seed=3, truncation=0.9)
     assert first.shape == (2, 16, 16, 3)
     assert np.array_equal(first, generate(net, config, cond, steps=5, guidance=2.0, seed=3, truncation=0.9))
+
+
+def test_rays_jobs_poll_train_workers_every_half_second_unless_the_user_says(ray_session, monkeypatch):
+    """Ray Train's controller notices a finished run at its next health check (2 s apart by default)."""
+    import ray
+
+    from retrieval.ray_env import job_runtime_env
+
+    @ray.remote(num_cpus=0)
+    def interval() -> str | None:
+        return os.environ.get("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S")
+
+    assert ray.get(interval.remote()) == "0.5"  # what an actor of this session (the controller) reads
+    monkeypatch.setenv("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "3")
+    assert job_runtime_env()["env_vars"]["RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"] == "3"

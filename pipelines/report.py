@@ -170,6 +170,16 @@ def _tokenizer_section(add: Any, out: str, tokenizer: dict[str, Any]) -> None:
     if os.path.exists(tokenizer["reconstructions"]):
         shutil.copyfile(tokenizer["reconstructions"], os.path.join(out, src))
         add(_img(src, "held-out images and their reconstructions", 140))
+    if "fsq" in tokenizer:  # generator.compare_backbones: the discrete backbone's quantising tokenizer
+        q, f = tokenizer["fsq"], tokenizer["fsq"]["figures"]
+        add(
+            f"<p>The discrete generator's tokenizer (tokenizer_fsq/, {f['codebook_size']} FSQ codes): "
+            f"{f['codebook_usage']:.0%} of the codes used, perplexity {f['perplexity']:.0f}, held-out PSNR "
+            f"{f['reconstruction_psnr']:.1f} dB.</p>"
+        )
+        if os.path.exists(q["reconstructions"]):
+            shutil.copyfile(q["reconstructions"], os.path.join(out, "report/reconstructions_fsq.png"))
+            add(_img("report/reconstructions_fsq.png", "held-out images and their FSQ reconstructions", 140))
 
 
 def _edit_section(add: Any, out: str, edits: dict[str, Any]) -> None:

@@ -181,13 +181,17 @@ class AestheticSettings:
 class GeneratorSettings:
     """The generator's training. preset: tiny, small or paper (diffusion/config.py); model: overrides of the
     preset's fields (cond_dim is taken from the database). compare_no_knn: also train the paper's no-kNN
-    ablation (use_knn: false) with the same settings and budget, for the evaluate stage to compare. The rest as
-    in diffusion.config.TrainConfig. Both leave the CLIP's held-out shards out (the evaluation's reference)."""
+    ablation (use_knn: false) with the same settings and budget, for the evaluate stage to compare.
+    compare_backbones: also train the discrete backbone's kNN generator (VQ-Diffusion over the codes of a
+    tokenizer-fsq tokenizer, which the tokenizer stage then trains too) with the same settings and budget (a
+    continuous latent generator only). The rest as in diffusion.config.TrainConfig. All leave the CLIP's held-out
+    shards out (the evaluation's reference)."""
 
     preset: str = "small-latent"
     model: dict[str, Any] = dataclasses.field(default_factory=dict)
     backbone: str = "continuous"  # or discrete: VQ-Diffusion over a quantising tokenizer's codes (T = 100)
     compare_no_knn: bool = True
+    compare_backbones: bool = False
     # Measured on the demo's data (evaluate stage, README): in pixel space (preset small) no setting drew shapes
     # in the budget (shape accuracy 0.31, chance 0.20); in the tokenizer's 16 x 16 x 4 latents, 464 steps of 64
     # at lr 2e-3 (200 s) reach shape 0.55 (lr 3e-3: 0.52). 400 steps keep the full demo within 15 minutes.
@@ -228,19 +232,24 @@ class GeneratorSettings:
         mc = model_config(
             self.preset, **{**self.model, "backbone": self.backbone}
         )  # fail now, not an hour later
-        if self.backbone == "discrete" and not mc.latent_channels:
+        if (self.backbone == "discrete" or self.compare_backbones) and not mc.latent_channels:
             raise ValueError(
-                f"generator.backbone: discrete denoises a tokenizer's codes; preset {self.preset} is in pixel space "
-                "(use preset: small-latent)"
+                f"generator.backbone: discrete (or compare_backbones) denoises a tokenizer's codes; preset "
+                f"{self.preset} is in pixel space (use preset: small-latent)"
+            )
+        if self.compare_backbones and self.backbone != "continuous":
+            raise ValueError(
+                "generator.compare_backbones trains the discrete beside the continuous backbone: "
+                f"set generator.backbone: continuous (got {self.backbone})"
             )
 
-    def train_fields(self) -> dict[str, Any]:
-        """The diffusion.config.TrainConfig fields these settings give (all but the model's; the discrete
-        backbone runs VQ-Diffusion's T = 100)."""
+    def train_fields(self, backbone: str | None = None) -> dict[str, Any]:
+        """The diffusion.config.TrainConfig fields these settings give (all but the model's) for this backbone
+        (default: the settings' own); the discrete backbone runs VQ-Diffusion's T = 100."""
         fields = dataclasses.asdict(self)
-        for name in ("preset", "model", "compare_no_knn", "backbone"):
+        for name in ("preset", "model", "compare_no_knn", "compare_backbones", "backbone"):
             del fields[name]
-        if self.backbone == "discrete":
+        if (backbone or self.backbone) == "discrete":
             fields["num_timesteps"] = 100
         return fields
 
@@ -629,7 +638,8 @@ class Pipeline:
         if model.latent_channels or (edit_model is not None and edit_model.latent_channels):
             tokenizer = self.stage(
                 "tokenizer",
-                {**dataclasses.asdict(c.tokenizer), "heldout": heldout},
+                # with compare_backbones the stage also trains the discrete backbone's tokenizer
+                {**dataclasses.asdict(c.tokenizer), "heldout": heldout, "fsq": c.generator.compare_backbones},
                 lambda: self.tokenizer(heldout),
                 deps=("download", "embed"),
             )
@@ -901,14 +911,15 @@ class Pipeline:
             "bands": bands["bands"],
         }
 
-    def model_config(self) -> Any:
+    def model_config(self, backbone: str | None = None) -> Any:
+        """The generator's ModelConfig (for this backbone; default: generator.backbone's)."""
         from diffusion.config import model_config
 
         g = self.config.generator
         from retrieval.database import DatabaseInfo
 
         folder = self.path("db", "main")
-        overrides = {**g.model, "backbone": g.backbone}
+        overrides = {**g.model, "backbone": backbone or g.backbone}
         if os.path.exists(os.path.join(folder, DatabaseInfo.FILE)):
             overrides["cond_dim"] = DatabaseInfo.read(folder).dim
         return model_config(g.preset, **overrides)
@@ -921,45 +932,64 @@ class Pipeline:
         return {"outputs": [os.path.join(db, "neighbours")], "k": k}
 
     def tokenizer(self, heldout: list[str]) -> dict[str, Any]:
-        """The autoencoder in tokenizer/ (its training run, tokenizer.pt, tokenizer.json, reconstructions.png)."""
+        """The autoencoder in tokenizer/ (its training run, tokenizer.pt, tokenizer.json, reconstructions.png)
+        and, with generator.compare_backbones, the quantising one of the discrete backbone in tokenizer_fsq/
+        (preset tokenizer-fsq, the same training settings) under "fsq"."""
         from diffusion.tokenizer import tokenizer_config, train_tokenizer
 
         t = self.config.tokenizer
         db = self.path("db", "main")
-        config = tokenizer_config(
-            t.preset,
-            t.model,
-            db=db,
-            neighbours=os.path.join(db, "neighbours"),
-            output=self.path("tokenizer"),
-            exclude_parts=heldout,
-            **t.train_fields(),
-        )
-        result = train_tokenizer(config, ray_address=self.config.ray_address)
-        return {
-            "outputs": [self.path("tokenizer")],
-            "tokenizer": result["tokenizer"],
-            "reconstructions": self.path("tokenizer", "reconstructions.png"),
-            "figures": result["figures"],
-            "samples_per_s": result["metrics"].get("samples_per_s", float("nan")),
-        }
+        kinds = {"tokenizer": (t.preset, t.model)}
+        if self.config.generator.compare_backbones:  # the same sizes, quantised to the preset's FSQ codes
+            sizes = {k: v for k, v in t.model.items() if k not in ("latent_channels", "fsq_levels")}
+            kinds["tokenizer_fsq"] = ("tokenizer-fsq", sizes)
+        out: dict[str, Any] = {"outputs": []}
+        for folder, (preset, overrides) in kinds.items():
+            config = tokenizer_config(
+                preset,
+                overrides,
+                db=db,
+                neighbours=os.path.join(db, "neighbours"),
+                output=self.path(folder),
+                exclude_parts=heldout,
+                **t.train_fields(),
+            )
+            result = train_tokenizer(config, ray_address=self.config.ray_address)
+            made = {
+                "tokenizer": result["tokenizer"],
+                "reconstructions": self.path(folder, "reconstructions.png"),
+                "figures": result["figures"],
+                "samples_per_s": result["metrics"].get("samples_per_s", float("nan")),
+            }
+            out["outputs"].append(self.path(folder))
+            if folder == "tokenizer":
+                out.update(made)
+            else:
+                out["fsq"] = made
+        return out
 
     def train(
         self, model: Any, heldout: list[str], tokenizer: dict[str, Any] | None = None
     ) -> dict[str, Any]:
-        """The kNN generator in run/ and, with generator.compare_no_knn, the no-kNN ablation in run_noknn/, both
-        with the same settings and steps, leaving the held-out parts out. The tokenizer stage's result, when
-        given, is the latent space both learn in."""
+        """The kNN generator in run/ and, with generator.compare_no_knn, the no-kNN ablation in run_noknn/ (and with
+        compare_backbones the discrete kNN generator in run_discrete/), all with the same settings and steps,
+        leaving the held-out parts out. The tokenizer stage's result, when given, is the latent space they learn
+        in (the discrete one: its "fsq" tokenizer's codes)."""
         from diffusion.config import TrainConfig
         from diffusion.train import train
 
-        training = self.config.generator.train_fields()
+        g = self.config.generator
         db = self.path("db", "main")
-        runs = {"knn": ("run", model)}
-        if self.config.generator.compare_no_knn and model.use_knn:
-            runs["no-knn"] = ("run_noknn", dataclasses.replace(model, use_knn=False, query_drop_prob=0.0))
+        latent = tokenizer["tokenizer"] if tokenizer else None
+        runs = {"knn": ("run", model, latent)}
+        if g.compare_no_knn and model.use_knn:
+            no_knn = dataclasses.replace(model, use_knn=False, query_drop_prob=0.0)
+            runs["no-knn"] = ("run_noknn", no_knn, latent)
+        if g.compare_backbones:
+            discrete = self.model_config(backbone="discrete")
+            runs["discrete"] = ("run_discrete", discrete, tokenizer["fsq"]["tokenizer"])
         out: dict[str, Any] = {"outputs": [], "runs": {}}
-        for name, (folder, model_config) in runs.items():
+        for name, (folder, model_config, latent) in runs.items():
             result = train(
                 TrainConfig(
                     db=db,
@@ -967,8 +997,8 @@ class Pipeline:
                     output=self.path(folder),
                     model=model_config,
                     exclude_parts=heldout,
-                    tokenizer=tokenizer["tokenizer"] if tokenizer else None,
-                    **training,
+                    tokenizer=latent,
+                    **g.train_fields(model_config.backbone),
                 ),
                 ray_address=self.config.ray_address,
             )

@@ -338,3 +338,57 @@ def test_generator_and_tokenizer_settings_give_train_configs():
         assert config.num_timesteps == steps
     t = TokenizerSettings()
     assert TrainConfig(model=model_config(t.preset), **paths, **t.train_fields()).steps == t.steps
+
+
+@pytest.mark.slow
+def test_compare_backbones_trains_and_scores_the_discrete_generator_beside_the_continuous_one(
+    quick_demo, tmp_path
+):
+    """generator.compare_backbones: the tokenizer stage also trains an FSQ tokenizer, the train stage a discrete kNN
+    generator on its codes, and the evaluate table and report score it beside the continuous latent ones. Runs on
+    a copy of the quick demo whose generator stages are cleared (the data stages are reused)."""
+    import shutil
+
+    from pipelines.run import run_pipeline
+
+    src, _ = quick_demo
+    out = tmp_path / "out"
+    shutil.copytree(src, out)
+    for stage in ("train", "sample", "evaluate", "edit"):
+        (out / "manifests" / f"{stage}.json").unlink()
+    for folder in ("run", "run_noknn", "samples", "evaluation", "edit_run", "edit"):
+        shutil.rmtree(out / folder)
+    tiny_latent = {"image_size": 16, "widths": [8, 16]}
+    config = with_overrides(
+        load_config(os.path.join(REPO, "configs", "demo.yaml"), output=str(out), quick=True),
+        {
+            "tokenizer": {
+                "model": {**tiny_latent, "latent_channels": 2},
+                "steps": 6,
+                "batch_size_per_worker": 16,
+            },
+            "generator": {
+                "model": {"latent_channels": 2, "latent_factor": 2},
+                "compare_backbones": True,
+                "steps": 6,
+            },
+            "edit": {"steps": 0},
+        },
+    )
+    result = run_pipeline(config)
+    assert set(result["train"]["runs"]) == {"knn", "no-knn", "discrete"}
+    fsq = json.loads((out / "tokenizer_fsq" / "tokenizer.json").read_text())
+    assert fsq["codebook_size"] == 240 and 0 < fsq["codebook_usage"] <= 1  # tokenizer-fsq's 8 x 6 x 5 codes
+    discrete = json.loads((out / "run_discrete" / "config.json").read_text())
+    assert discrete["model"]["backbone"] == "discrete" and discrete["num_timesteps"] == 100
+    assert discrete["tokenizer"].endswith(os.path.join("tokenizer_fsq", "tokenizer.pt"))
+    continuous = json.loads((out / "run" / "config.json").read_text())
+    assert continuous["model"]["backbone"] == "continuous" and continuous["tokenizer"].endswith(
+        os.path.join("tokenizer", "tokenizer.pt")
+    )
+    models = result["evaluation"]["generators"]["models"]
+    assert set(models) == {"knn", "no-knn", "discrete"}
+    assert models["discrete"]["seconds_per_image"] > 0 and "all" in models["discrete"]["attribute_accuracy"]
+    html = (out / "report.html").read_text()
+    assert "report/reconstructions_fsq.png" in html and (out / "report" / "reconstructions_fsq.png").is_file()
+    assert "<td>discrete</td>" in html

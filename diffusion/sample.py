@@ -179,9 +179,8 @@ def generate(
     (samplers.RequestNoise), as the service needs. Runs on the model's device. A latent model's samples are
     decoded by its tokenizer. The discrete backbone samples ancestrally whatever the sampler
     (diffusion.discrete.sample_tokens, with truncation r; None: discrete.TRUNCATION) from all-[MASK], and decodes
-    the tokens. init
-    [N, C, H, W] and strength < 1: image-to-image (SDEdit, Meng et al. 2022): start from init noised to timestep
-    strength * (T-1) instead of from pure noise."""
+    the tokens. init [N, C, H, W] and strength < 1: image-to-image (SDEdit, Meng et al. 2022): start from init
+    noised to timestep strength * (T-1) instead of from pure noise."""
     from diffusion.precond import EpsDenoiser
     from diffusion.samplers import SAMPLERS, CFGDenoiser, RequestNoise, draw
     from diffusion.schedule import alphas_cumprod, sampling_timesteps

@@ -40,6 +40,15 @@ NEG = -1e30  # log 0, finite so that 0 * log 0 terms stay nan-free
 TRUNCATION = 0.9
 
 
+def truncation_or_default(r: float | None) -> float:
+    """The truncation r to sample with: r itself, checked to lie in (0, 1], or TRUNCATION for None."""
+    if r is None:
+        return TRUNCATION
+    if not 0 < r <= 1:
+        raise ValueError(f"--truncation must be in (0, 1], got {r}")
+    return r
+
+
 @dataclasses.dataclass(frozen=True)
 class MaskSchedule:
     """Cumulative schedules at t = 0..T (index t; t = 0 is the clean image: alpha_bar 1, gamma_bar 0).

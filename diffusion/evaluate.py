@@ -72,6 +72,7 @@ class EvaluateConfig:
     classifier_epochs: int = 16
 
     def __post_init__(self) -> None:
+        from diffusion.discrete import truncation_or_default
         from diffusion.samplers import SAMPLERS
 
         if not self.checkpoints:
@@ -82,8 +83,7 @@ class EvaluateConfig:
             )
         if self.sampler not in SAMPLERS:
             raise ValueError(f"--sampler must be one of {sorted(SAMPLERS)}, got {self.sampler!r}")
-        if self.truncation is not None and not 0 < self.truncation <= 1:
-            raise ValueError(f"--truncation must be in (0, 1], got {self.truncation}")
+        truncation_or_default(self.truncation)  # refused here, before anything loads
         if self.num_prompts < 2:
             raise ValueError(
                 f"--num-prompts must be >= 2 (Fréchet distance needs two samples), got {self.num_prompts}"

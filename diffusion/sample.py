@@ -52,12 +52,12 @@ class SampleConfig:
     truncation: float | None = None
 
     def __post_init__(self) -> None:
+        from diffusion.discrete import truncation_or_default
         from diffusion.samplers import SAMPLERS
 
         if self.sampler not in SAMPLERS:
             raise ValueError(f"--sampler must be one of {sorted(SAMPLERS)}, got {self.sampler!r}")
-        if self.truncation is not None and not 0 < self.truncation <= 1:
-            raise ValueError(f"--truncation must be in (0, 1], got {self.truncation}")
+        truncation_or_default(self.truncation)  # refused here, before anything loads
         if self.num_per_prompt < 1:
             raise ValueError(f"--num-per-prompt must be >= 1, got {self.num_per_prompt}")
         if self.batch_size < 1:
@@ -191,9 +191,9 @@ def generate(
     if request_seeds is not None:
         gen, batch_size = RequestNoise(request_seeds), len(cond["query"])
     if discrete:
-        from diffusion.discrete import TRUNCATION
+        from diffusion.discrete import truncation_or_default
 
-        r = TRUNCATION if truncation is None else truncation
+        r = truncation_or_default(truncation)
         return _generate_tokens(model, config, cond, steps, guidance, gen, batch_size, r)
     abar = alphas_cumprod(config.schedule, config.num_timesteps).to(device)
     eps_model = EpsDenoiser(model, abar, config.prediction).eval()

@@ -939,12 +939,8 @@ class Pipeline:
 
         t = self.config.tokenizer
         db = self.path("db", "main")
-        kinds = {"tokenizer": (t.preset, t.model)}
-        if self.config.generator.compare_backbones:  # the same sizes, quantised to the preset's FSQ codes
-            sizes = {k: v for k, v in t.model.items() if k not in ("latent_channels", "fsq_levels")}
-            kinds["tokenizer_fsq"] = ("tokenizer-fsq", sizes)
-        out: dict[str, Any] = {"outputs": []}
-        for folder, (preset, overrides) in kinds.items():
+
+        def trained(folder: str, preset: str, overrides: dict[str, Any]) -> dict[str, Any]:
             config = tokenizer_config(
                 preset,
                 overrides,
@@ -955,17 +951,18 @@ class Pipeline:
                 **t.train_fields(),
             )
             result = train_tokenizer(config, ray_address=self.config.ray_address)
-            made = {
+            return {
                 "tokenizer": result["tokenizer"],
                 "reconstructions": self.path(folder, "reconstructions.png"),
                 "figures": result["figures"],
                 "samples_per_s": result["metrics"].get("samples_per_s", float("nan")),
             }
-            out["outputs"].append(self.path(folder))
-            if folder == "tokenizer":
-                out.update(made)
-            else:
-                out["fsq"] = made
+
+        out = {"outputs": [self.path("tokenizer")], **trained("tokenizer", t.preset, t.model)}
+        if self.config.generator.compare_backbones:  # the same sizes, quantised to the preset's FSQ codes
+            sizes = {k: v for k, v in t.model.items() if k not in ("latent_channels", "fsq_levels")}
+            out["fsq"] = trained("tokenizer_fsq", "tokenizer-fsq", sizes)
+            out["outputs"].append(self.path("tokenizer_fsq"))
         return out
 
     def train(

@@ -16,8 +16,10 @@ JOB_ENV_VARS = {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.5"}
 
 
 def job_runtime_env() -> dict:
-    """The runtime_env every job of ours starts Ray with: JOB_ENV_VARS where the user has not set them."""
-    return {"env_vars": {k: os.environ.get(k, v) for k, v in JOB_ENV_VARS.items()}}
+    """The runtime_env every job of ours starts Ray with: the JOB_ENV_VARS the user has not set. One they set is
+    left out: their environment (a local Ray's processes inherit it; a submitted job's runtime_env sets it)
+    carries it, and a key in both a submitted job's runtime_env and ray.init's is an error in Ray."""
+    return {"env_vars": {k: v for k, v in JOB_ENV_VARS.items() if k not in os.environ}}
 
 
 def init_ray(address: str | None = None) -> None:

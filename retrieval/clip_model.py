@@ -167,7 +167,8 @@ class ClipEncoder:
             self.model = self.model.to(self.dtype)
         self.preprocess = preprocess
         self.tokenizer = open_clip.get_tokenizer(config)
-        self.dim = int(self.model.visual.output_dim)
+        # timm towers (open_clip's ConvNeXt and ResNet-timm CLIPs) have no output_dim; the config always says
+        self.dim = int(open_clip.get_model_config(config)["embed_dim"])
         self.int8 = self.int8_text = None
         if precision == "int8":
             key, side = _int8_cache_key(spec), _image_side(self.model.visual)

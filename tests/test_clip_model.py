@@ -122,3 +122,25 @@ def test_int8_weights_keep_seven_bits_only_on_x86_without_vnni(monkeypatch):
         assert cm.needs_reduced_range() is reduced, flags
         keys.setdefault(reduced, set()).add(cm._int8_cache_key(spec))
     assert len(keys[True]) == 1 and len(keys[False]) == 1 and keys[True] != keys[False]
+
+
+def test_encoder_takes_a_timm_image_tower(tmp_path):
+    """open_clip's timm towers (its ConvNeXt CLIPs, a ResNet from timm) have no output_dim: the width comes
+    from the config."""
+    import json
+
+    config = {
+        "embed_dim": 24,
+        "vision_cfg": {"image_size": 32, "timm_model_name": "resnet10t", "timm_model_pretrained": False},
+        "text_cfg": {"context_length": 16, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1},
+    }
+    path = tmp_path / "RN10t-tiny.json"
+    path.write_text(json.dumps(config))
+    open_clip.add_model_config(str(path))
+    torch.manual_seed(0)
+    torch.save(open_clip.create_model("RN10t-tiny").state_dict(), tmp_path / "clip.pt")
+    enc = ClipEncoder(f"open_clip:{path}/{tmp_path / 'clip.pt'}", precision="fp32")
+    assert enc.dim == 24
+    images = enc.encode_images(torch.randn(3, 3, 32, 32))
+    assert images.shape == (3, 24) and torch.allclose(images.norm(dim=-1), torch.ones(3), atol=1e-4)
+    assert enc.encode_texts(["a red square"]).shape == (1, 24)

@@ -211,7 +211,7 @@ def _score_generator(
         metric.reset()  # the real images' features stay (reset_real_features=False); the samples' go
     clip_score = ClipScore(ctx["encoder"])
     accuracy = AttributeAccuracy(ctx["classifier"]) if ctx["classifier"] is not None else None
-    cond, _ = retrieval_condition(ctx["db"], ctx["query"], cfg, exclude_ids=ctx["heldout_ids"])
+    cond, found = retrieval_condition(ctx["db"], ctx["query"], cfg, exclude_ids=ctx["heldout_ids"])
     tic = time.time()
     images = generate(
         model,
@@ -248,7 +248,27 @@ def _score_generator(
         row["inception_fid"] = float(ctx["inception"].compute())
     if accuracy is not None:
         row["attribute_accuracy"] = {a: float(v) for a, v in accuracy.compute().items()}
+        if found is not None:
+            row["neighbour_agreement"] = neighbour_agreement(ctx["db"], found.ids, targets, ctx["attributes"])
     return row, images
+
+
+def neighbour_agreement(
+    db: Any, ids: np.ndarray, targets: dict[str, torch.Tensor], spec: AttributeSpec
+) -> dict[str, float]:
+    """{attribute: share of the retrieved neighbours [P, k] whose caption names the prompt's value}, and "all"
+    for those naming every one: how much the neighbours can tell a kNN model about the prompt. A missing
+    neighbour (id -1) or a caption that does not name the attribute counts as a miss."""
+    valid = ids >= 0
+    labels = labels_of(db.metadata(ids[valid])["caption"].tolist(), spec)
+    every = np.ones(int(valid.sum()), bool)
+    out = {}
+    for a, target in targets.items():
+        hit = labels[a] == np.broadcast_to(target.numpy()[:, None], ids.shape)[valid]
+        out[a] = float(hit.sum() / ids.size)
+        every &= hit
+    out["all"] = float(every.sum() / ids.size)
+    return out
 
 
 def evaluate(config: EvaluateConfig, attributes: AttributeSpec | None = None) -> dict[str, Any]:
@@ -290,6 +310,7 @@ def evaluate(config: EvaluateConfig, attributes: AttributeSpec | None = None) ->
         "encoder": encoder,
         "classifier": classifier,
         "targets": targets,
+        "attributes": attributes,
         "fd": fd,
         "kid": kid,
         "inception": inception,
@@ -347,6 +368,13 @@ def format_table(record: dict[str, Any]) -> str:
         cells += [f"{row['frechet_distance']:.4f}", f"{row['kid']:.4f}", f"{row['clip_score']:.1f}"]
         cells.append(f"{row['seconds_per_image']:.3f}")
         lines.append(" | ".join(cells))
+    for name, row in record["models"].items():
+        agree = row.get("neighbour_agreement")
+        if agree:
+            lines.append(
+                f"{name}'s {row['k']} neighbours name the prompt's "
+                + ", ".join(f"{a} {v:.2f}" for a, v in agree.items())
+            )
     classifier = record.get("classifier")
     if classifier:
         acc = classifier["heldout_accuracy"]

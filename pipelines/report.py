@@ -294,6 +294,20 @@ def _evaluation_section(add: Any, out: str, record: dict[str, Any]) -> None:
             f"<td>{row['seconds_per_image']:.3f}</td></tr>"
         )
     add("</table>")
+    agreeing = {
+        name: row["neighbour_agreement"] for name, row in models.items() if row.get("neighbour_agreement")
+    }
+    if agreeing:
+        add(
+            "<p>What the retrieved neighbours tell a kNN model: the share of them whose caption names the prompt's "
+            "value, per attribute (the same captions and database as above): "
+            + "; ".join(
+                f"{html.escape(name)} ({models[name]['k']} neighbours) "
+                + ", ".join(f"{html.escape(a.replace('_', ' '))} {v:.2f}" for a, v in agree.items())
+                for name, agree in agreeing.items()
+            )
+            + ".</p>"
+        )
     classifier = record.get("classifier")
     if classifier:
         acc = classifier["heldout_accuracy"]

@@ -239,3 +239,37 @@ def test_attributes_the_reference_never_varies_are_not_scored(capsys):
     assert "size, position take one value" in capsys.readouterr().out
     assert varying_attributes(spec, captions[:1]) is None
     assert isinstance(varying_attributes(spec, captions), AttributeSpec)
+
+
+def test_neighbour_agreement_counts_captions_naming_the_prompts_values():
+    """Per attribute, the share of all P x k neighbour slots whose caption names the prompt's value; "all" needs
+    every attribute; a missing neighbour (-1) and an unparsable caption are misses."""
+    import pandas as pd
+
+    from diffusion.evaluate import labels_of, neighbour_agreement, varying_attributes
+    from pipelines.run import procedural_attributes
+
+    captions = {
+        1: "a large red circle in the centre on a plain blue background",
+        2: "a large red star in the centre on a plain blue background",
+        3: "a large green circle in the centre on a striped yellow background",
+        4: "something else",
+    }
+
+    class Db:
+        def metadata(self, ids):
+            return pd.DataFrame({"caption": [captions[int(i)] for i in ids]})
+
+    prompts = [captions[1], captions[3]]
+    spec = varying_attributes(procedural_attributes(), prompts + [captions[2]])
+    targets = {a: torch.from_numpy(v) for a, v in labels_of(prompts, spec).items()}
+    ids = np.array([[1, 2, 3, -1], [3, 4, 1, 2]])
+    agree = neighbour_agreement(Db(), ids, targets, spec)
+    # prompt 1 (red circle, plain blue): 1 all right; 2 shape wrong; 3 shape right only; -1 missing
+    # prompt 2 (green circle, striped yellow): 3 all right; 4 unparsable; 1 shape right only; 2 all wrong
+    assert list(agree) == ["shape", "colour", "background", "background_colour", "all"]
+    assert agree["shape"] == pytest.approx(4 / 8)
+    assert agree["colour"] == pytest.approx(3 / 8)
+    assert agree["background"] == pytest.approx(3 / 8)
+    assert agree["background_colour"] == pytest.approx(3 / 8)
+    assert agree["all"] == pytest.approx(2 / 8)

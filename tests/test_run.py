@@ -161,6 +161,12 @@ def test_quick_demo_samples_follow_the_prompts_colour_well_above_chance(quick_de
     knn = record["models"]["knn"]
     assert knn["attribute_accuracy"]["background_colour"] > 2 / 6, knn  # chance: 1/6
     assert knn["frechet_distance"] > 0 and knn["kid"] == knn["kid"] and 0 <= knn["clip_score"] <= 100
+    agree = knn["neighbour_agreement"]  # what the retrieved neighbours say of the prompts; no-kNN has none
+    assert (
+        set(agree) == set(knn["attribute_accuracy"])
+        and "neighbour_agreement" not in record["models"]["no-knn"]
+    )
+    assert agree["background_colour"] > 2 / 6, agree  # the fitted CLIP retrieves colours well above chance
     with open(out / "manifests" / "train.json") as f:
         heldout = json.load(f)["settings"]["heldout"]
     assert heldout == record["heldout_parts"] and heldout
@@ -168,6 +174,7 @@ def test_quick_demo_samples_follow_the_prompts_colour_well_above_chance(quick_de
         assert json.load(f)["exclude_parts"] == heldout  # no generator saw the reference images
     html = (out / "report.html").read_text()
     assert "Generator evaluation" in html and "report/evaluation_knn.png" in html
+    assert "What the retrieved neighbours tell a kNN model" in html
 
 
 def test_database_swap_and_bands_change_the_neighbours_and_samples(quick_demo):

@@ -370,6 +370,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--guidance", type=float, default=3.0, help="classifier-free guidance scale (default: 3)")
     p.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
     p.add_argument("--truncation", type=float, default=None, help=HELP["truncation"])
+    p.add_argument(
+        "--query",
+        choices=("text", "image"),
+        default="text",
+        help="what conditions the generators: the captions' text embeddings (as at inference) or the held-out "
+        "images' own image embeddings (as in training); the difference is what the text-image gap costs "
+        "(default: text)",
+    )
     p = sub.add_parser(
         "serve", help="serve a database with clip-retrieval back", description="serve a database over HTTP"
     )
@@ -495,6 +503,7 @@ def evaluate_command(args: argparse.Namespace) -> None:
         guidance=args.guidance,
         seed=args.seed,
         truncation=args.truncation,
+        query=args.query,
     )
     evaluate(config, attributes=attributes)
 

@@ -308,6 +308,14 @@ def _evaluation_section(add: Any, out: str, record: dict[str, Any]) -> None:
             )
             + ".</p>"
         )
+    if "text_image_cosine" in record:
+        add(
+            f"<p>The text-image gap: a prompt's text embedding has cosine {record['text_image_cosine']:.3f} to its "
+            "own image's embedding (mean over the prompts, the conditioning CLIP). The generators trained on image "
+            "embeddings and are queried with text ones; the closer this is to 1, the less a no-kNN model loses to "
+            "that change and the less the neighbours (image embeddings themselves) have to bridge. Matched pairs in "
+            "OpenAI's CLIP score about 0.3 (Hessel et al. 2021).</p>"
+        )
     classifier = record.get("classifier")
     if classifier:
         acc = classifier["heldout_accuracy"]

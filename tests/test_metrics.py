@@ -273,3 +273,19 @@ def test_neighbour_agreement_counts_captions_naming_the_prompts_values():
     assert agree["background"] == pytest.approx(3 / 8)
     assert agree["background_colour"] == pytest.approx(3 / 8)
     assert agree["all"] == pytest.approx(2 / 8)
+
+
+def test_text_image_cosine_is_the_mean_cosine_of_matched_pairs():
+    """Each text row against its own image row, whatever their norms: identical directions 1, orthogonal 0,
+    opposite -1; the pairs' mean."""
+    from diffusion.evaluate import text_image_cosine
+
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(4, 8))
+    assert text_image_cosine(x, 3.0 * x) == pytest.approx(1.0)
+    assert text_image_cosine(x, -x) == pytest.approx(-1.0)
+    e = np.eye(8)
+    assert text_image_cosine(e[:2], e[2:4]) == pytest.approx(0.0)
+    texts = np.array([[1.0, 0.0], [0.0, 2.0]])
+    images = np.array([[1.0, 1.0], [0.0, 5.0]])  # cosines 1/sqrt(2) and 1
+    assert text_image_cosine(texts, images) == pytest.approx((2**-0.5 + 1) / 2)

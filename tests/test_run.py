@@ -167,6 +167,7 @@ def test_quick_demo_samples_follow_the_prompts_colour_well_above_chance(quick_de
         and "neighbour_agreement" not in record["models"]["no-knn"]
     )
     assert agree["background_colour"] > 2 / 6, agree  # the fitted CLIP retrieves colours well above chance
+    assert 0 < record["text_image_cosine"] <= 1  # the fitted CLIP aligns captions with their images
     with open(out / "manifests" / "train.json") as f:
         heldout = json.load(f)["settings"]["heldout"]
     assert heldout == record["heldout_parts"] and heldout
@@ -174,7 +175,34 @@ def test_quick_demo_samples_follow_the_prompts_colour_well_above_chance(quick_de
         assert json.load(f)["exclude_parts"] == heldout  # no generator saw the reference images
     html = (out / "report.html").read_text()
     assert "Generator evaluation" in html and "report/evaluation_knn.png" in html
-    assert "What the retrieved neighbours tell a kNN model" in html
+    assert "What the retrieved neighbours tell a kNN model" in html and "The text-image gap" in html
+
+
+def test_evaluate_with_image_queries_conditions_on_the_images_own_embeddings(quick_demo, tmp_path, capsys):
+    """knn-diffusion evaluate --query image: the generators and the retrieval read the held-out images' own image
+    embeddings instead of their captions' text embeddings (the text-image gap's cost is the rows' difference);
+    the same prompts and seed with text queries give other samples, and the text-image cosine is the same."""
+    from pipelines.cli import main
+
+    out, _ = quick_demo
+    with open(out / "manifests" / "train.json") as f:
+        heldout = json.load(f)["settings"]["heldout"]
+    records = {}
+    for query in ("text", "image"):
+        args = ["evaluate", "--checkpoint", f"knn={out / 'run'}", "--database", str(out / "db" / "main")]
+        args += ["--heldout-parts", ",".join(heldout), "--attributes", "procedural", "--num-prompts", "16"]
+        args += ["--classifier", str(out / "evaluation" / "classifier.pt"), "--steps", "5"]
+        args += ["--output", str(tmp_path / query), "--query", query]
+        assert main(args) in (0, None)
+        with open(tmp_path / query / "evaluation.json") as f:
+            records[query] = json.load(f)
+    text, image = records["text"], records["image"]
+    assert text["query"] == "text" and image["query"] == "image"
+    assert image["text_image_cosine"] == pytest.approx(text["text_image_cosine"])
+    assert (tmp_path / "image" / "samples_knn.png").read_bytes() != (
+        tmp_path / "text" / "samples_knn.png"
+    ).read_bytes()
+    assert "conditioned on the held-out images' own image embeddings" in capsys.readouterr().out
 
 
 def test_database_swap_and_bands_change_the_neighbours_and_samples(quick_demo):

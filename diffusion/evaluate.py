@@ -365,9 +365,9 @@ def text_image_cosine(texts: np.ndarray, images: np.ndarray) -> float:
     CLIP's): how close inference-time queries are to the image embeddings a generator trained on. Near 1, a
     no-kNN model reads a text query as it read images in training, which is the gap KNN-Diffusion's neighbours
     bridge (Sheynin et al. 2023; matched pairs in OpenAI's CLIP score about 0.3, Hessel et al. 2021)."""
-    t = texts / np.linalg.norm(texts, axis=1, keepdims=True)
-    i = images / np.linalg.norm(images, axis=1, keepdims=True)
-    return float((t * i).sum(axis=1).mean())
+    from retrieval.database import normalize
+
+    return float((normalize(texts) * normalize(images)).sum(axis=1).mean())
 
 
 def db_encoder_texts(db: Any, texts: list[str]) -> np.ndarray:

@@ -1,7 +1,7 @@
 """Embed stage: webdataset shards -> CLIP image/text embeddings + metadata, in clip-retrieval's layout.
 
-Ray Data reads the finished shards (those with a ``_stats.json``); a task stage, fused with the read,
-decodes and preprocesses images and tokenizes captions; an actor pool holds the CLIP model and embeds
+Ray Data reads the finished shards (those with a ``_stats.json``); a task stage decodes, resizes and crops
+images to uint8 and tokenizes captions; an actor pool holds the CLIP model, normalises the pixels and embeds
 batches, so decoding overlaps inference. Each actor writes its batches' embeddings as pieces beside the
 output (<db>/_pieces/<shard>/); the driver only counts rows, and when a shard's rows are all in, a Ray task
 merges its pieces into the shard's part, atomically::
@@ -126,22 +126,28 @@ def done_parts(output: str, clip_model: str) -> set[int]:
 
 
 @functools.lru_cache(maxsize=2)
-def _transforms(clip_model: str) -> tuple[Any, Any]:
-    from retrieval.clip_model import load_transforms
+def _transforms(clip_model: str) -> tuple[Any, Any, Any]:
+    """(whole image transform, its uint8 half or None, tokenizer)."""
+    from retrieval.clip_model import SplitTransform, load_transforms
 
-    return load_transforms(clip_model)
+    transform, tokenizer = load_transforms(clip_model)
+    split = SplitTransform.of(transform)
+    return transform, (split.geometry if split else None), tokenizer
 
 
 def preprocess(batch: dict[str, np.ndarray], clip_model: str, enable_text: bool) -> dict[str, Any]:
-    """Ray Data task stage (fused with the read): raw webdataset samples -> pixels [B,3,H,W] float32, tokens
-    [B,77] int64. A plain function, not an actor, so it never holds a CPU the read tasks need."""
+    """Ray Data task stage: raw webdataset samples -> pixels [B,3,H,W], tokens [B,77]
+    int64. A plain function, not an actor, so it never holds a CPU the read tasks need. Pixels are uint8 (resized
+    and cropped; the actor normalises them, retrieval.clip_model.SplitTransform) when the model's transform
+    splits so, which keeps the queue in front of the actor 4x smaller than float32; otherwise float32."""
     from PIL import Image
 
-    transform, tokenizer = _transforms(clip_model)
+    transform, geometry, tokenizer = _transforms(clip_model)
+    transform = geometry or (lambda im: transform(im).numpy())
     n = len(batch["__key__"])
     pixels: list[np.ndarray | None] = []
     ok = np.zeros(n, dtype=bool)
-    shape = (3, 1, 1)
+    shape, dtype = (3, 1, 1), np.uint8 if geometry else np.float32
     exts = [e for e in IMAGE_EXTENSIONS if e in batch]  # the download stage writes jpg, png or webp
     for i in range(n):
         raw = next((batch[e][i] for e in exts if batch[e][i] is not None), None)
@@ -149,7 +155,7 @@ def preprocess(batch: dict[str, np.ndarray], clip_model: str, enable_text: bool)
             if raw is None:
                 raise ValueError(f"no image ({', '.join(IMAGE_EXTENSIONS)}) in the sample")
             with Image.open(io.BytesIO(raw)) as im:
-                px = transform(im.convert("RGB")).numpy()
+                px = transform(im.convert("RGB"))
             shape = px.shape
             pixels.append(px)
             ok[i] = True
@@ -160,7 +166,7 @@ def preprocess(batch: dict[str, np.ndarray], clip_model: str, enable_text: bool)
     out: dict[str, Any] = {
         "key": np.asarray(batch["__key__"]),
         "shard": np.asarray([int(os.path.basename(str(p)).split(".")[0]) for p in batch["path"]]),
-        "pixels": np.stack([p if p is not None else np.zeros(shape, np.float32) for p in pixels]),
+        "pixels": np.stack([p if p is not None else np.zeros(shape, dtype) for p in pixels]),
         "ok": ok,
         "meta": np.asarray([json.dumps(m) for m in metas]),
     }
@@ -176,17 +182,23 @@ class Embedder:
     def __init__(self, clip_model: str, precision: str, torch_threads: int | None, output: str) -> None:
         import torch
 
-        from retrieval.clip_model import ClipEncoder
+        from retrieval.clip_model import ClipEncoder, SplitTransform
 
         torch.set_num_threads(torch_threads or os.cpu_count() or 1)
         self.encoder = ClipEncoder(clip_model, precision=precision)
+        self.split = SplitTransform.of(self.encoder.preprocess)
         self.output = output
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, Any]:
         import torch
 
         cols = {k: batch[k] for k in ("key", "ok", "meta")}
-        cols["img_emb"] = self.encoder.encode_images(torch.from_numpy(batch["pixels"])).numpy()
+        pixels = torch.from_numpy(batch["pixels"])
+        if pixels.dtype == torch.uint8:
+            if self.split is None:
+                raise TypeError(f"uint8 pixels, but {self.encoder.name}'s transform does not split")
+            pixels = self.split.to_float(pixels)
+        cols["img_emb"] = self.encoder.encode_images(pixels).numpy()
         if "tokens" in batch:
             cols["text_emb"] = self.encoder.encode_tokens(torch.from_numpy(batch["tokens"])).numpy()
         shards, counts = np.unique(batch["shard"], return_counts=True)

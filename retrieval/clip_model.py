@@ -17,6 +17,7 @@ from collections.abc import Sequence
 from contextlib import nullcontext
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -142,6 +143,46 @@ def load_transforms(name: str) -> tuple[Any, Any]:
     return image_transform_v2(PreprocessCfg(**cfg), is_train=False), open_clip.get_tokenizer(config)
 
 
+class SplitTransform:
+    """open_clip's eval transform in two halves, for a pipeline that decodes in one process and embeds in
+    another: ``geometry`` maps a PIL image to uint8 [3, H, W] (every step before ToTensor: resize, crop, RGB)
+    and ``to_float`` maps a uint8 batch [B, 3, H, W] to the normalised float pixels (ToTensor's /255, then
+    Normalize), the same arithmetic in the same order, so the pixels equal the whole transform's. The queue
+    between the halves then holds uint8, a quarter of float32's bytes.
+
+    SplitTransform.of(transform) is None when the transform does not end in ToTensor, Normalize.
+    """
+
+    def __init__(self, steps: Sequence[Any], mean: Sequence[float], std: Sequence[float]) -> None:
+        self.steps = list(steps)
+        self.mean = torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1)
+        self.std = torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1)
+
+    @classmethod
+    def of(cls, transform: Any) -> SplitTransform | None:
+        from torchvision import transforms as T
+
+        steps = getattr(transform, "transforms", None)
+        if not steps or len(steps) < 2:
+            return None
+        to_tensor, norm = steps[-2:]
+        if not isinstance(to_tensor, T.ToTensor) or not isinstance(norm, T.Normalize):
+            return None
+        return cls(steps[:-2], norm.mean, norm.std)
+
+    def geometry(self, image: Any) -> np.ndarray:
+        for step in self.steps:
+            image = step(image)
+        if image.mode != "RGB":
+            raise ValueError(f"the transform gave a {image.mode} image, not RGB")
+        return np.asarray(image, dtype=np.uint8).transpose(2, 0, 1).copy()
+
+    def to_float(self, pixels: torch.Tensor) -> torch.Tensor:
+        if pixels.dtype != torch.uint8:
+            raise TypeError(f"to_float takes uint8 pixels, got {pixels.dtype}")
+        return pixels.to(torch.float32).div(255).sub_(self.mean).div_(self.std)
+
+
 class ClipEncoder:
     """An open_clip model in eval mode with its preprocessing and tokenizer.
 
@@ -184,6 +225,11 @@ class ClipEncoder:
 
     @torch.inference_mode()
     def encode_images(self, pixels: torch.Tensor) -> torch.Tensor:
+        if not pixels.is_floating_point():
+            raise TypeError(
+                f"encode_images takes normalised float pixels, got {pixels.dtype}; "
+                "uint8 pixels go through SplitTransform.to_float first"
+            )
         if self.int8 is not None:
             return F.normalize(self.int8(pixels), dim=-1)
         pixels = pixels.to(self.device, non_blocking=True)

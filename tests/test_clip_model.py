@@ -144,3 +144,31 @@ def test_encoder_takes_a_timm_image_tower(tmp_path):
     images = enc.encode_images(torch.randn(3, 3, 32, 32))
     assert images.shape == (3, 24) and torch.allclose(images.norm(dim=-1), torch.ones(3), atol=1e-4)
     assert enc.encode_texts(["a red square"]).shape == (1, 24)
+
+
+def test_split_transform_equals_the_whole_transform(tiny_clip):
+    """Decoding tasks send uint8 (resized, cropped) and the actor normalises: the pixels must be the same."""
+    import numpy as np
+    from PIL import Image
+
+    from retrieval.clip_model import SplitTransform
+
+    transform, _ = load_transforms(tiny_clip)
+    split = SplitTransform.of(transform)
+    rng = np.random.default_rng(0)
+    images = [
+        Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)) for h, w in [(64, 64), (90, 40)]
+    ]
+    images += [
+        images[0].convert("L"),
+        images[1].convert("RGBA"),
+    ]  # converted to RGB inside, as the transform does
+    small = np.stack([split.geometry(im) for im in images])
+    assert small.dtype == np.uint8 and small.shape[1] == 3
+    assert torch.equal(split.to_float(torch.from_numpy(small)), torch.stack([transform(im) for im in images]))
+    with pytest.raises(TypeError, match="uint8"):
+        split.to_float(torch.zeros(1, 3, 2, 2))
+    with pytest.raises(TypeError, match="SplitTransform"):
+        ClipEncoder(tiny_clip, precision="fp32").encode_images(torch.from_numpy(small))
+    # a transform that does not end in ToTensor, Normalize has no uint8 half
+    assert SplitTransform.of(transform.transforms[0]) is None

@@ -301,7 +301,10 @@ def test_actors_write_embeddings_and_the_driver_gets_only_counts(tiny_clip, tmp_
     img = np.load(tmp_path / "db" / "img_emb" / "img_emb_00001.npy")
     meta = pd.read_parquet(tmp_path / "db" / "metadata" / "metadata_00001.parquet")
     assert meta.image_id.tolist() == [10000, 10001, 10002] and "status" not in meta
-    pixels = preprocess(batch, tiny_clip, enable_text=False)["pixels"][[1, 3, 0]]
-    expected = ClipEncoder(tiny_clip, precision="fp32").encode_images(torch.from_numpy(pixels)).numpy()
+    # the queue carries uint8 pixels, normalised in the actor; the result is the whole transform's
+    assert preprocess(batch, tiny_clip, enable_text=False)["pixels"].dtype == np.uint8
+    reference = ClipEncoder(tiny_clip, precision="fp32")
+    pixels = torch.stack([reference.preprocess(Image.open(io.BytesIO(batch["jpg"][i]))) for i in (1, 3, 0)])
+    expected = reference.encode_images(pixels).numpy()
     np.testing.assert_allclose(img, expected, atol=1e-5)
     assert merge_part(out, 2, tiny_clip)["num_failed"] == 1  # the broken image: counted, not a row

@@ -34,7 +34,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from tqdm.auto import tqdm
 
-from retrieval.clip_model import PRECISIONS, ClipSpec
+from retrieval.clip_model import PRECISIONS, ClipSpec, SplitTransform, load_transforms
 from retrieval.database import DatabaseInfo
 from retrieval.storage import IMAGE_EXTENSIONS, atomic_write_bytes
 
@@ -126,28 +126,29 @@ def done_parts(output: str, clip_model: str) -> set[int]:
 
 
 @functools.lru_cache(maxsize=2)
-def _transforms(clip_model: str) -> tuple[Any, Any, Any]:
-    """(whole image transform, its uint8 half or None, tokenizer)."""
-    from retrieval.clip_model import SplitTransform, load_transforms
+def _transform(clip_model: str) -> Any:
+    from retrieval.clip_model import load_transforms
 
-    transform, tokenizer = load_transforms(clip_model)
-    split = SplitTransform.of(transform)
-    return transform, (split.geometry if split else None), tokenizer
+    return load_transforms(clip_model)[0]
 
 
-def preprocess(batch: dict[str, np.ndarray], clip_model: str, enable_text: bool) -> dict[str, Any]:
-    """Ray Data task stage: raw webdataset samples -> pixels [B,3,H,W], tokens [B,77]
-    int64. A plain function, not an actor, so it never holds a CPU the read tasks need. Pixels are uint8 (resized
-    and cropped; the actor normalises them, retrieval.clip_model.SplitTransform) when the model's transform
-    splits so, which keeps the queue in front of the actor 4x smaller than float32; otherwise float32."""
+def preprocess(
+    batch: dict[str, np.ndarray], clip_model: str, enable_text: bool, split: SplitTransform | None = None
+) -> dict[str, Any]:
+    """Ray Data task stage: raw webdataset samples -> pixels [B,3,H,W] and captions. A plain function, not an
+    actor, so it never holds a CPU the read tasks need.
+
+    With split (SplitTransform.of the model's transform, made once by the driver), pixels are uint8, resized and
+    cropped; the actor normalises them. That keeps the queue in front of the actor 4x smaller than float32, and
+    this task never imports open_clip (10-16 s per worker process on a 2-core VM). Without it, the whole
+    transform runs here (float32). Captions are tokenized by the actor, which holds the tokenizer anyway."""
     from PIL import Image
 
-    transform, geometry, tokenizer = _transforms(clip_model)
-    transform = geometry or (lambda im: transform(im).numpy())
+    transform = split.geometry if split else (lambda im: _transform(clip_model)(im).numpy())
     n = len(batch["__key__"])
     pixels: list[np.ndarray | None] = []
     ok = np.zeros(n, dtype=bool)
-    shape, dtype = (3, 1, 1), np.uint8 if geometry else np.float32
+    shape, dtype = (3, 1, 1), np.uint8 if split else np.float32
     exts = [e for e in IMAGE_EXTENSIONS if e in batch]  # the download stage writes jpg, png or webp
     for i in range(n):
         raw = next((batch[e][i] for e in exts if batch[e][i] is not None), None)
@@ -171,7 +172,7 @@ def preprocess(batch: dict[str, np.ndarray], clip_model: str, enable_text: bool)
         "meta": np.asarray([json.dumps(m) for m in metas]),
     }
     if enable_text:
-        out["tokens"] = tokenizer([m.get("caption") or "" for m in metas]).numpy()
+        out["caption"] = np.asarray([str(m.get("caption") or "") for m in metas])
     return out
 
 
@@ -199,8 +200,9 @@ class Embedder:
                 raise TypeError(f"uint8 pixels, but {self.encoder.name}'s transform does not split")
             pixels = self.split.to_float(pixels)
         cols["img_emb"] = self.encoder.encode_images(pixels).numpy()
-        if "tokens" in batch:
-            cols["text_emb"] = self.encoder.encode_tokens(torch.from_numpy(batch["tokens"])).numpy()
+        if "caption" in batch:
+            tokens = self.encoder.tokenizer([str(c) for c in batch["caption"]])
+            cols["text_emb"] = self.encoder.encode_tokens(tokens).numpy()
         shards, counts = np.unique(batch["shard"], return_counts=True)
         for shard in shards:
             rows = batch["shard"] == shard
@@ -322,7 +324,11 @@ def embed(config: EmbedConfig, ray_address: str | None = None) -> EmbedSummary:
         embed_cpus = 1.0 if ray.cluster_resources().get("CPU", 1) >= 2 else 0.5
         ds = ds.map_batches(
             preprocess,
-            fn_kwargs={"clip_model": config.clip_model, "enable_text": config.enable_text},
+            fn_kwargs={
+                "clip_model": config.clip_model,
+                "enable_text": config.enable_text,
+                "split": SplitTransform.of(load_transforms(config.clip_model)[0]),
+            },
             batch_size=config.batch_size,
             num_cpus=embed_cpus / 2,
         )

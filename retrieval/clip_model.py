@@ -168,9 +168,13 @@ class SplitTransform:
         to_tensor, norm = steps[-2:]
         if not isinstance(to_tensor, T.ToTensor) or not isinstance(norm, T.Normalize):
             return None
-        return cls(steps[:-2], norm.mean, norm.std)
+        # open_clip's own RGB conversion is done by geometry() first (per channel, resizing commutes with it);
+        # leaving the function out keeps this object free of open_clip, so unpickling it does not import open_clip
+        steps = [s for s in steps[:-2] if getattr(s, "__name__", None) != "_convert_to_rgb"]
+        return cls(steps, norm.mean, norm.std)
 
     def geometry(self, image: Any) -> np.ndarray:
+        image = image.convert("RGB")
         for step in self.steps:
             image = step(image)
         if image.mode != "RGB":

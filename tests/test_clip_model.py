@@ -148,6 +148,10 @@ def test_encoder_takes_a_timm_image_tower(tmp_path):
 
 def test_split_transform_equals_the_whole_transform(tiny_clip):
     """Decoding tasks send uint8 (resized, cropped) and the actor normalises: the pixels must be the same."""
+    import pickle
+    import subprocess
+    import sys
+
     import numpy as np
     from PIL import Image
 
@@ -170,5 +174,11 @@ def test_split_transform_equals_the_whole_transform(tiny_clip):
         split.to_float(torch.zeros(1, 3, 2, 2))
     with pytest.raises(TypeError, match="SplitTransform"):
         ClipEncoder(tiny_clip, precision="fp32").encode_images(torch.from_numpy(small))
+    # the decoding tasks receive it pickled: reading it must not import open_clip (10-16 s per process)
+    code = "import pickle, sys; pickle.loads(sys.stdin.buffer.read()); print('open_clip' in sys.modules)"
+    read = subprocess.run(
+        [sys.executable, "-c", code], input=pickle.dumps(split), capture_output=True, check=True
+    )
+    assert read.stdout.strip() == b"False"
     # a transform that does not end in ToTensor, Normalize has no uint8 half
     assert SplitTransform.of(transform.transforms[0]) is None

@@ -267,13 +267,14 @@ def test_actors_write_embeddings_and_the_driver_gets_only_counts(tiny_clip, tmp_
     """Embeddings no longer travel through the driver: the actor writes them as pieces of their shard and
     returns (shard, rows); merging a shard's pieces gives the part the driver used to write."""
     import io
+    import pickle
 
     import pandas as pd
     import torch
     from PIL import Image
 
     from pipelines.embed import Embedder, merge_part, preprocess
-    from retrieval.clip_model import ClipEncoder
+    from retrieval.clip_model import ClipEncoder, SplitTransform, load_transforms
 
     def jpeg(colour):
         buf = io.BytesIO()
@@ -290,8 +291,11 @@ def test_actors_write_embeddings_and_the_driver_gets_only_counts(tiny_clip, tmp_
     batch["jpg"][2] = b"broken"
     out = str(tmp_path / "db")
     actor = Embedder(tiny_clip, "fp32", 1, out)
-    half = {k: v[:2] for k, v in preprocess(batch, tiny_clip, enable_text=True).items()}
-    rest = {k: v[2:] for k, v in preprocess(batch, tiny_clip, enable_text=True).items()}
+    split = SplitTransform.of(load_transforms(tiny_clip)[0])  # what embed() hands the decoding tasks
+    split = pickle.loads(pickle.dumps(split))  # as Ray ships it; open_clip is not needed to read it
+    half = {k: v[:2] for k, v in preprocess(batch, tiny_clip, enable_text=True, split=split).items()}
+    rest = {k: v[2:] for k, v in preprocess(batch, tiny_clip, enable_text=True, split=split).items()}
+    assert half["pixels"].dtype == np.uint8 and list(half["caption"]) == ["box 000010002", "box 000010000"]
     returned = [actor(half), actor(rest)]
     assert all(set(r) == {"shard", "rows"} for r in returned)  # no embedding goes back
     assert [(r["shard"].tolist(), r["rows"].tolist()) for r in returned] == [([1], [2]), ([1, 2], [1, 1])]
@@ -302,9 +306,11 @@ def test_actors_write_embeddings_and_the_driver_gets_only_counts(tiny_clip, tmp_
     meta = pd.read_parquet(tmp_path / "db" / "metadata" / "metadata_00001.parquet")
     assert meta.image_id.tolist() == [10000, 10001, 10002] and "status" not in meta
     # the queue carries uint8 pixels, normalised in the actor; the result is the whole transform's
-    assert preprocess(batch, tiny_clip, enable_text=False)["pixels"].dtype == np.uint8
     reference = ClipEncoder(tiny_clip, precision="fp32")
     pixels = torch.stack([reference.preprocess(Image.open(io.BytesIO(batch["jpg"][i]))) for i in (1, 3, 0)])
     expected = reference.encode_images(pixels).numpy()
     np.testing.assert_allclose(img, expected, atol=1e-5)
+    text = np.load(tmp_path / "db" / "text_emb" / "text_emb_00001.npy")  # captions tokenized by the actor
+    captions = [f"box {k}" for k in ("000010000", "000010001", "000010002")]
+    np.testing.assert_allclose(text, reference.encode_texts(captions).numpy(), atol=1e-5)
     assert merge_part(out, 2, tiny_clip)["num_failed"] == 1  # the broken image: counted, not a row

@@ -467,11 +467,11 @@ QUICK: dict[str, dict[str, Any]] = {
     "generator": {
         "preset": "tiny",
         "model": {"k": 4},
-        "steps": 150,
+        "steps": 100,
         "batch_size_per_worker": 32,
         "lr": 2e-3,
         "log_every": 25,
-        "checkpoint_every": 150,
+        "checkpoint_every": 100,
         "warmup_steps": 10,
     },
     # the first two prompts; guidance 1.5 suits the tiny pixel model (the quick test's colour check)
@@ -482,7 +482,7 @@ QUICK: dict[str, dict[str, Any]] = {
         "preset": "tiny",
         "init": "no-knn",
         "model": {"k": 0, "use_knn": False, "edit": True},
-        "steps": 30,
+        "steps": 20,
         "batch_size_per_worker": 32,
         "num_trials": 16,
         "sample_steps": 10,

@@ -151,7 +151,7 @@ def test_quick_demo_encoder_retrieves_better_than_chance(quick_demo):
 def test_quick_demo_samples_follow_the_prompts_colour_well_above_chance(quick_demo):
     """The evaluate stage: the quick generator's samples for held-out captions have the caption's background
     colour far more often than chance (1 in 6), by an attribute classifier that reads real held-out images well
-    (the 150-step, 16 px quick model has not learnt the small shapes' colours yet); the no-kNN ablation was
+    (the 100-step, 16 px quick model has not learnt the small shapes' colours yet); the no-kNN ablation was
     trained and scored beside the kNN model, and the report shows the table."""
     out, result = quick_demo
     record = result["evaluation"]["generators"]

@@ -127,8 +127,6 @@ def done_parts(output: str, clip_model: str) -> set[int]:
 
 @functools.lru_cache(maxsize=2)
 def _transform(clip_model: str) -> Any:
-    from retrieval.clip_model import load_transforms
-
     return load_transforms(clip_model)[0]
 
 
@@ -144,7 +142,8 @@ def preprocess(
     transform runs here (float32). Captions are tokenized by the actor, which holds the tokenizer anyway."""
     from PIL import Image
 
-    transform = split.geometry if split else (lambda im: _transform(clip_model)(im).numpy())
+    # both convert to RGB first (geometry itself; the whole transform here)
+    transform = split.geometry if split else (lambda im: _transform(clip_model)(im.convert("RGB")).numpy())
     n = len(batch["__key__"])
     pixels: list[np.ndarray | None] = []
     ok = np.zeros(n, dtype=bool)
@@ -156,7 +155,7 @@ def preprocess(
             if raw is None:
                 raise ValueError(f"no image ({', '.join(IMAGE_EXTENSIONS)}) in the sample")
             with Image.open(io.BytesIO(raw)) as im:
-                px = transform(im.convert("RGB"))
+                px = transform(im)
             shape = px.shape
             pixels.append(px)
             ok[i] = True

@@ -163,10 +163,8 @@ def test_split_transform_equals_the_whole_transform(tiny_clip):
     images = [
         Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)) for h, w in [(64, 64), (90, 40)]
     ]
-    images += [
-        images[0].convert("L"),
-        images[1].convert("RGBA"),
-    ]  # converted to RGB inside, as the transform does
+    # other modes are converted to RGB inside, as the transform does
+    images += [images[0].convert("L"), images[1].convert("RGBA")]
     small = np.stack([split.geometry(im) for im in images])
     assert small.dtype == np.uint8 and small.shape[1] == 3
     assert torch.equal(split.to_float(torch.from_numpy(small)), torch.stack([transform(im) for im in images]))

@@ -15,7 +15,6 @@ import math
 
 import torch
 import torch.nn.functional as F
-from timm.layers import Attention, Mlp, PatchEmbed, build_sincos2d_pos_embed
 from torch import nn
 
 from diffusion.config import ModelConfig
@@ -56,6 +55,8 @@ class Block(nn.Module):
     """Self-attention, cross-attention to the condition, MLP; each pre-normed and gated by adaLN-Zero."""
 
     def __init__(self, width: int, num_heads: int, mlp_ratio: float) -> None:
+        from timm.layers import Attention, Mlp  # here, not at the top: see KnnDenoiser
+
         super().__init__()
         self.norm1 = nn.LayerNorm(width, elementwise_affine=False, eps=1e-6)
         self.attn = Attention(width, num_heads=num_heads, qkv_bias=True)
@@ -123,6 +124,10 @@ class KnnDenoiser(nn.Module):
     drop_query [B] | None); the condition arguments are ConditionTokens'."""
 
     def __init__(self, config: ModelConfig) -> None:
+        # timm is imported where the DiT is built, not with this module: the UNet imports ConditionTokens from
+        # here, and importing timm adds 1.6-1.8 s to every training worker's start on a slow 2-core VM
+        from timm.layers import PatchEmbed, build_sincos2d_pos_embed
+
         super().__init__()
         self.config = config
         w = config.width

@@ -235,6 +235,50 @@ def _one_step_state(step: int) -> tuple:
     return config, model, opt, state
 
 
+def test_ema_gives_timms_model_ema_v3_weights_and_its_warm_up():
+    """diffusion.train.Ema replaces timm's ModelEmaV3(use_warmup=True) (so training workers do not import timm):
+    the same decay at every step and the same averaged weights and buffers after updates of a changing model."""
+    from timm.utils import ModelEmaV3
+
+    from diffusion.train import Ema
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.BatchNorm1d(8), torch.nn.Linear(8, 2))
+    ours, timms = Ema(model, decay=0.99), ModelEmaV3(model, decay=0.99, use_warmup=True)
+    for step in (0, 1, 2, 5, 50, 10_000):
+        assert ours.decay_at(step) == pytest.approx(timms.get_decay(step), abs=1e-12)
+    assert ours.decay_at(10_000) == 0.99 and 0 < ours.decay_at(5) < 0.99
+    for step in range(6):
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(torch.randn_like(p))
+        model.train()(torch.randn(16, 4))  # moves the BatchNorm's running statistics and its counter
+        ours.update(model, step=step)
+        timms.update(model, step=step)
+    theirs = timms.module.state_dict()
+    for name, value in ours.module.state_dict().items():
+        assert torch.equal(value, theirs[name]), name
+    assert not torch.equal(ours.module[0].weight, model[0].weight)  # an average, not a copy
+
+
+def test_a_unet_training_worker_does_not_import_timm():
+    """Building the UNet's training state (network, EMA, optimizer) leaves timm unimported: its import would add
+    1.6-1.8 s to every training worker's start on a slow 2-core VM (the DiT imports it when it is built)."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys\n"
+        "from diffusion.config import TrainConfig, model_config\n"
+        "from diffusion.train import new_training_state\n"
+        "config = TrainConfig(db='db', neighbours='nb', output='out', model=model_config('tiny'))\n"
+        "new_training_state(config)\n"
+        "print('timm' in sys.modules)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False", out.stderr
+
+
 def test_resume_puts_the_model_on_its_device_before_loading_the_optimizer():
     """On a GPU, Optimizer.load_state_dict puts each Adam moment on its parameter's device at load time: the model
     must already be there, or the moments stay on the CPU. The order of the calls is what a CPU can check."""
